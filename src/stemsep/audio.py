@@ -1,0 +1,696 @@
+"""The file boundary: decode any audio file, resample, and encode stems exactly.
+
+Decoding goes through PyAV (FFmpeg), which recognises the format from the file's content
+(never from its name) and stays silent on stderr. Samples come out as float32 shaped
+(channels, frames) on one scale: integer PCM of b bits is `int / 2**(b-1)` (8-bit WAV,
+which is unsigned, is `(u - 128) / 128`), so 16- and 24-bit sources are recovered exactly
+by `round(x * 2**(b-1))`; float sources pass through. Decoding is built on a block
+iterator (`AudioReader.blocks`) so long files can be streamed; `decode` collects it.
+
+Resampling uses soxr at high quality, one-shot (`resample`) or block by block
+(`StreamResampler`, identical output). Encoding writes WAV or FLAC through soundfile,
+quantizing floats to integers ourselves (round half to even, clipping counted in a
+`ClipReport`, never silent), into a hidden temporary file that is renamed over the target
+only when complete. This module knows nothing about the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import av
+import av.logging
+import numpy as np
+import soundfile
+import soxr
+
+from stemsep.errors import AudioDecodeError, AudioEncodeError
+
+# ---------------------------------------------------------------------------------------
+# limits
+
+MIN_SAMPLE_RATE = 8_000
+MAX_SAMPLE_RATE = 384_000
+MAX_CHANNELS = 64
+MAX_DURATION_S = 24 * 3600  # guard against decoders that never stop producing audio
+_MAX_IDLE_PACKETS = 10_000  # consecutive packets that decode to nothing: treat as a hang
+_BLOCK_FRAMES = 1 << 16  # default block size of AudioReader.blocks (~1.5 s at 44.1 kHz)
+_TAIL_WINDOW_S = 2.0  # how far before the container's end a lossless tail count starts
+_MAX_EDIT_TRIM = 8192  # the most an MP4 edit list may cut off the end (encoder padding)
+
+# Codecs whose decoded samples are the source's exact values (companded PCM is not).
+_LOSSLESS = {"flac", "alac", "wavpack", "ape", "tta", "tak", "mlp", "truehd", "shorten"}
+_LOSSY_PCM = {"pcm_alaw", "pcm_mulaw", "pcm_vidc"}
+
+
+# ---------------------------------------------------------------------------------------
+# what a file holds
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """One audio stream of a file, as decoded by this module."""
+
+    sample_rate: int
+    channels: int
+    frames: int  # exact sample count per channel of the decoded stream
+    codec: str  # FFmpeg codec name: "pcm_s16le", "flac", "mp3", "aac", "vorbis", "opus", ...
+    container: str  # FFmpeg demuxer name: "wav", "flac", "mp3", "mov,mp4,m4a,3gp,3g2,mj2", ...
+    bits: int | None  # source precision for PCM/FLAC/ALAC (8, 16, 24, 32, 64); None for lossy
+    is_float: bool  # the source stores float samples (float WAV/AIFF)
+    lossless: bool  # the decoded samples are the source's exact values
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate
+
+
+@contextlib.contextmanager
+def _ffmpeg_quiet() -> Iterator[None]:
+    """FFmpeg logging off for the duration (PyAV's default; someone may have turned it on)."""
+    level = av.logging.get_level()
+    if level is None:
+        yield
+        return
+    av.logging.set_level(None)
+    try:
+        yield
+    finally:
+        av.logging.set_level(level)
+
+
+def _check_regular_file(path: str, name: str) -> None:
+    """Refuse early what FFmpeg would report badly or block on (directories, FIFOs, devices)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise AudioDecodeError(f"{name}: file not found") from None
+    except PermissionError:
+        raise AudioDecodeError(f"{name}: cannot be read (permission denied)") from None
+    except OSError as exc:
+        raise AudioDecodeError(f"{name}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AudioDecodeError(f"{name}: is a directory, not an audio file")
+    if not stat.S_ISREG(st.st_mode):
+        raise AudioDecodeError(f"{name}: is not a regular file")
+    if st.st_size == 0:
+        raise AudioDecodeError(f"{name}: is empty (0 bytes)")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise AudioDecodeError(f"{name}: cannot be read (permission denied)") from None
+    except OSError as exc:
+        raise AudioDecodeError(f"{name}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _flac_bits(extradata: bytes | None) -> int | None:
+    """Bits per sample from a FLAC STREAMINFO block (34 bytes, maybe after 'fLaC' + header)."""
+    if not extradata:
+        return None
+    if extradata[:4] == b"fLaC":
+        extradata = extradata[8:]
+    if len(extradata) < 34:
+        return None
+    # STREAMINFO: 16+16+24+24 bits of block/frame sizes, 20 rate, 3 channels-1, 5 bps-1
+    return ((extradata[12] & 0x01) << 4 | extradata[13] >> 4) + 1
+
+
+def _alac_bits(extradata: bytes | None) -> int | None:
+    """Bits per sample from ALAC's magic cookie (size, 'alac', version, then the config)."""
+    if not extradata or len(extradata) < 36 or extradata[4:8] != b"alac":
+        return None
+    return extradata[17] or None
+
+
+def _source_bits(codec: str, sample_format: str, extradata: bytes | None) -> int | None:
+    if m := re.fullmatch(r"pcm_[suf](\d+)(?:le|be)?(?:_planar)?", codec):
+        return int(m.group(1))
+    bits = {"flac": _flac_bits, "alac": _alac_bits}.get(codec, lambda _: None)(extradata)
+    return bits or av.AudioFormat(sample_format).bits
+
+
+def _to_float32(frame: av.AudioFrame, channels: int) -> np.ndarray:
+    """One decoded frame as float32 (channels, n) on the module's scale."""
+    a = frame.to_ndarray()  # planar: (channels, n); packed: (1, n * channels)
+    fmt = frame.format
+    if not fmt.is_planar:
+        a = a.reshape(-1, channels).T  # (n, channels) interleaved -> (channels, n)
+    kind = fmt.name.rstrip("p")
+    if kind in ("flt", "dbl"):
+        return np.ascontiguousarray(a, dtype=np.float32)
+    if kind == "u8":
+        return (a.astype(np.float32) - 128) * np.float32(1 / 128)
+    # Signed integers fill the top bits (FFmpeg gives 24-bit PCM as s32 with a zero low
+    # byte), so dividing by 2**(width-1) puts a b-bit integer at int / 2**(b-1) exactly.
+    width = {"s16": 16, "s32": 32, "s64": 64}[kind]
+    if width == 64:
+        return (a.astype(np.float64) * 2.0 ** -63).astype(np.float32)
+    return a.astype(np.float32) * np.float32(2.0 ** (1 - width))
+
+
+class AudioReader:
+    """Decodes one audio stream of a file as float32 blocks shaped (channels, n).
+
+    `stream` picks among the file's audio streams (0 = the first; a MUSDB `.stem.mp4` holds
+    the mixture then drums, bass, other, vocals). Opening reads and checks the header only;
+    nothing stays open between calls. `blocks()` decodes from the start each time it is
+    called, holding the file open only while its iterator runs. `info` has the exact frame
+    count: read from the last seconds for PCM, counted by a decoding pass otherwise
+    (containers do not state it exactly where there is encoder delay, padding or damage);
+    cached.
+
+    Exactness: decoders drop the encoder delay and padding the file describes (LAME/Xing
+    for MP3, pre-skip and granule positions for Ogg, and the edit list for MP4, whose end
+    FFmpeg does not apply itself: we trim it here).
+
+    Damage is handled as players do: a truncated file gives the audio before the cut, and
+    data that cannot be decoded is skipped, so the result is shorter than the file claims.
+    `undecodable_packets` counts the packets the decoder rejected in the latest pass; FFmpeg's FLAC and Ogg
+    demuxers resync past damage without telling, so a zero count does not prove a clean
+    file. A file with no decodable audio at all raises AudioDecodeError.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], stream: int = 0, *, max_duration_s: float = MAX_DURATION_S):
+        self.path = os.fspath(path)
+        self.name = os.path.basename(self.path.rstrip("/")) or self.path
+        self.stream_index = stream
+        self.max_duration_s = max_duration_s
+        self.undecodable_packets = 0
+        self._info: AudioInfo | None = None
+        _check_regular_file(self.path, self.name)
+        with self._open() as (container, st):
+            cc = st.codec_context
+            self.sample_rate: int = cc.sample_rate
+            self.channels: int = cc.channels
+            self.codec: str = cc.codec.canonical_name
+            self.container: str = container.format.name
+            lossless = self.codec in _LOSSLESS or (self.codec.startswith("pcm_") and self.codec not in _LOSSY_PCM)
+            fmt = cc.format.name if cc.format is not None else "flt"
+            self.lossless = lossless
+            self.bits = _source_bits(self.codec, fmt, cc.extradata) if lossless else None
+            self.is_float = lossless and fmt.rstrip("p") in ("flt", "dbl")
+            # The container's own length, in samples, where it states one.
+            self._stated_frames = None
+            if st.duration and st.time_base:
+                self._stated_frames = round(st.duration * st.time_base * self.sample_rate)
+            self._start = round((st.start_time or 0) * st.time_base * self.sample_rate) if st.time_base else 0
+        # An MP4 edit list's end is the stream duration; FFmpeg applies only its start.
+        is_mov = self.container.startswith("mov,")
+        self._trim_to = self._stated_frames if is_mov and self._stated_frames else None
+
+    # -- header ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[tuple[Any, Any]]:
+        """Open the container and select the audio stream, checking the header."""
+        name = self.name
+        try:
+            with _ffmpeg_quiet():
+                container = av.open(self.path, mode="r")
+        except av.error.InvalidDataError:
+            raise AudioDecodeError(f"{name}: not an audio file (unrecognised or damaged data)") from None
+        except av.error.PermissionError:
+            raise AudioDecodeError(f"{name}: cannot be read (permission denied)") from None
+        except (av.error.FFmpegError, OSError) as exc:
+            raise AudioDecodeError(f"{name}: cannot be opened ({_reason(exc)})") from None
+        try:
+            streams = container.streams.audio
+            if not streams:
+                raise AudioDecodeError(f"{name}: not an audio file (no audio stream)")
+            if not 0 <= self.stream_index < len(streams):
+                count = f"{len(streams)} audio stream{'s' if len(streams) != 1 else ''}"
+                raise AudioDecodeError(f"{name}: has {count}, so there is no audio stream {self.stream_index}")
+            st = streams[self.stream_index]
+            cc = st.codec_context
+            if cc.channels > MAX_CHANNELS:
+                raise AudioDecodeError(f"{name}: has {cc.channels} channels, more than the {MAX_CHANNELS} supported")
+            if cc.channels < 1 or cc.sample_rate < 1:
+                raise AudioDecodeError(f"{name}: the audio stream does not state its sample rate or channels")
+            if not MIN_SAMPLE_RATE <= cc.sample_rate <= MAX_SAMPLE_RATE:
+                raise AudioDecodeError(
+                    f"{name}: sample rate {cc.sample_rate} Hz is outside the supported "
+                    f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
+                )
+            yield container, st
+        finally:
+            container.close()
+
+    def _header(self, frames: int) -> AudioInfo:
+        return AudioInfo(
+            sample_rate=self.sample_rate,
+            channels=self.channels,
+            frames=frames,
+            codec=self.codec,
+            container=self.container,
+            bits=self.bits,
+            is_float=self.is_float,
+            lossless=self.lossless,
+        )
+
+    @property
+    def estimated_frames(self) -> int | None:
+        """The container's stated length, free to read, not always exact (for progress bars)."""
+        return self._info.frames if self._info else self._stated_frames
+
+    @property
+    def info(self) -> AudioInfo:
+        """The header with the exact frame count (may decode the file once to count; cached)."""
+        if self._info is None:
+            frames = self._count_from_tail() if self.codec.startswith("pcm_") and self._trim_to is None else None
+            if frames is None:
+                frames = sum(block.shape[1] for block in self.blocks(1 << 20))
+            if frames == 0:
+                raise AudioDecodeError(f"{self.name}: contains no audio samples")
+            self._info = self._header(frames)
+        return self._info
+
+    def _count_from_tail(self) -> int | None:
+        """Exact length of a PCM stream from its last seconds: the end of its last frame.
+
+        PCM packets carry exact sample positions and demuxers never drop any, so this is the
+        decoded length for an intact file and for one cut short. (FLAC frames carry positions
+        too, but its demuxer silently drops damaged frames, leaving gaps the decoded length
+        does not have: FLAC is counted by decoding.) None where it cannot tell.
+        """
+        if not self._stated_frames:
+            return None
+        with self._open() as (container, st):
+            target = self._start + self._stated_frames - round(_TAIL_WINDOW_S * self.sample_rate)
+            if target > self._start:
+                try:
+                    with _ffmpeg_quiet():
+                        container.seek(round(target / self.sample_rate / st.time_base), stream=st, backward=True)
+                except av.error.FFmpegError:
+                    return None
+            end = None
+            for frame in self._frames(container, st, count_damage=False):
+                if frame.pts is None:
+                    return None
+                end = round(frame.pts * frame.time_base * self.sample_rate) + frame.samples
+            return None if end is None else end - self._start
+
+    # -- decoding ----------------------------------------------------------------------
+
+    def _frames(self, container: Any, st: Any, *, count_damage: bool = True) -> Iterator[av.AudioFrame]:
+        """Decoded frames, with the damage policy of the class docstring and the hang guards."""
+        name = self.name
+        decoded = 0
+        idle = 0
+        limit = self.max_duration_s * self.sample_rate
+        packets = container.demux(st)
+        while True:
+            try:
+                with _ffmpeg_quiet():
+                    packet = next(packets)
+            except StopIteration:
+                return
+            except av.error.FFmpegError:
+                if decoded == 0:
+                    raise AudioDecodeError(f"{name}: not readable audio (damaged or truncated data)") from None
+                return  # a container that breaks off: keep what came before
+            frames = []
+            try:
+                with _ffmpeg_quiet():
+                    frames = st.decode(packet)
+            except av.error.FFmpegError:
+                if count_damage:
+                    self.undecodable_packets += 1
+                idle += 1
+            else:
+                idle = 0 if frames else idle + 1
+            if idle > _MAX_IDLE_PACKETS:
+                raise AudioDecodeError(f"{name}: no audio could be decoded from {idle} packets in a row (damaged data)")
+            for frame in frames:
+                if frame.sample_rate != self.sample_rate or frame.layout.nb_channels != self.channels:
+                    raise AudioDecodeError(
+                        f"{name}: changes sample rate or channel count mid-stream, which is not supported"
+                    )
+                decoded += frame.samples
+                if decoded > limit:
+                    raise AudioDecodeError(f"{name}: is longer than the {self.max_duration_s / 3600:g}-hour limit")
+                yield frame
+
+    def blocks(self, block_frames: int = _BLOCK_FRAMES) -> Iterator[np.ndarray]:
+        """Decode from the start: float32 blocks (channels, block_frames), the last one shorter.
+
+        Raises AudioDecodeError as soon as a problem shows: NaN/inf in a float source, a file
+        that turns out unreadable before any audio, the duration guard, and (after the last
+        block) no samples at all.
+        """
+        if block_frames < 1:
+            raise ValueError(f"block_frames must be positive, got {block_frames}")
+        self.undecodable_packets = 0
+        holdback = _MAX_EDIT_TRIM if self._trim_to is not None else 0  # kept until the end is known
+        pending: list[np.ndarray] = []  # each (channels, n)
+        pending_n = 0
+        total = 0
+        with self._open() as (container, st):
+            for frame in self._frames(container, st):
+                x = _to_float32(frame, self.channels)  # (channels, n)
+                if self.is_float and not np.isfinite(x).all():
+                    raise AudioDecodeError(f"{self.name}: contains NaN or infinite samples")
+                pending.append(x)
+                pending_n += x.shape[1]
+                total += x.shape[1]
+                while pending_n >= block_frames + holdback:
+                    buf = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
+                    yield buf[:, :block_frames]
+                    pending, pending_n = [buf[:, block_frames:]], pending_n - block_frames
+        if self._trim_to is not None and 0 < total - self._trim_to <= holdback:
+            cut = total - self._trim_to
+            buf = np.concatenate(pending, axis=1)  # (channels, pending_n)
+            pending, pending_n, total = [buf[:, : pending_n - cut]], pending_n - cut, total - cut
+        if total == 0:
+            raise AudioDecodeError(f"{self.name}: contains no audio samples")
+        if pending_n:
+            buf = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
+            for start in range(0, pending_n, block_frames):
+                yield buf[:, start : start + block_frames]
+        if self._info is None:
+            self._info = self._header(total)
+
+
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+    return text.splitlines()[0].rstrip(".")
+
+
+def probe(path: str | os.PathLike[str], stream: int = 0) -> AudioInfo:
+    """Describe one audio stream of a file, with its exact frame count.
+
+    Cheap for PCM (WAV, AIFF, ...: header plus the last seconds); other formats are
+    decoded once to count, since only decoding applies their delay and padding exactly.
+    """
+    return AudioReader(path, stream).info
+
+
+def decode(path: str | os.PathLike[str], stream: int = 0) -> tuple[np.ndarray, AudioInfo]:
+    """The whole stream as float32 (channels, frames), and its description."""
+    reader = AudioReader(path, stream)
+    blocks = list(reader.blocks(1 << 20))
+    x = np.concatenate(blocks, axis=1) if len(blocks) > 1 else np.ascontiguousarray(blocks[0])  # (channels, frames)
+    return x, reader.info
+
+
+# ---------------------------------------------------------------------------------------
+# resampling
+
+
+def resampled_length(n: int, from_rate: int, to_rate: int) -> int:
+    """Samples `resample` returns for `n` input samples: n * to / from rounded half up, computed
+    as soxr does in double precision (so 240 samples 48 k -> 44.1 k give 220, not 220.5 -> 221)."""
+    return n if from_rate == to_rate else int(n / (from_rate / to_rate) + 0.5)
+
+
+def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """(channels, n) at `from_rate` -> (channels, resampled_length(n, ...)) at `to_rate`.
+
+    soxr "HQ" (band-limited, linear phase, delay compensated). Equal rates return `x` itself.
+    """
+    if from_rate == to_rate:
+        return x
+    y = soxr.resample(np.ascontiguousarray(x.T), from_rate, to_rate, quality="HQ")  # (n', channels)
+    return np.ascontiguousarray(y.T)
+
+
+class StreamResampler:
+    """`resample` block by block: feed (channels, n) blocks to `process`, then call `flush`.
+
+    The concatenated output equals `resample` of the whole signal (soxr's stream and
+    one-shot paths are the same engine; measured identical to the last bit).
+    """
+
+    def __init__(self, from_rate: int, to_rate: int, channels: int, dtype: Any = np.float32):
+        self.from_rate, self.to_rate, self.channels = from_rate, to_rate, channels
+        self.dtype = np.dtype(dtype)
+        self._stream = None
+        if from_rate != to_rate:
+            self._stream = soxr.ResampleStream(from_rate, to_rate, channels, dtype=self.dtype.name, quality="HQ")
+
+    def process(self, block: np.ndarray) -> np.ndarray:
+        """(channels, n) in -> (channels, m) out; m varies, the filter delay is held back."""
+        return self._run(block, last=False)
+
+    def flush(self) -> np.ndarray:
+        """The rest of the output, after the last block."""
+        return self._run(np.zeros((self.channels, 0), self.dtype), last=True)
+
+    def _run(self, block: np.ndarray, last: bool) -> np.ndarray:
+        if block.ndim != 2 or block.shape[0] != self.channels:
+            raise ValueError(f"expected a ({self.channels}, n) block, got shape {block.shape}")
+        if self._stream is None:
+            return block
+        y = self._stream.resample_chunk(np.ascontiguousarray(block.T, dtype=self.dtype), last=last)  # (m, channels)
+        return np.ascontiguousarray(y.T)
+
+
+# ---------------------------------------------------------------------------------------
+# encoding
+
+OUTPUT_FORMATS = ("wav", "flac")
+BIT_DEPTHS = ("auto", 16, 24, 32)
+PCM_BITS = {"PCM_16": 16, "PCM_24": 24}
+_FLOAT_SUBTYPE = "FLOAT"
+
+
+def _parse_bit_depth(bit_depth: str | int) -> str | int:
+    if isinstance(bit_depth, str) and bit_depth.strip().isdigit():
+        bit_depth = int(bit_depth)
+    if isinstance(bit_depth, str):
+        bit_depth = bit_depth.strip().lower()
+    if isinstance(bit_depth, bool) or bit_depth not in BIT_DEPTHS:
+        raise AudioEncodeError(f"bit depth {bit_depth!r} is not one of auto, 16, 24, 32")
+    return bit_depth
+
+
+def _parse_format(output_format: str) -> str:
+    fmt = output_format.strip().lower() if isinstance(output_format, str) else output_format
+    if fmt not in OUTPUT_FORMATS:
+        raise AudioEncodeError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+    return fmt
+
+
+def output_subtype(info: AudioInfo, output_format: str, bit_depth: str | int = "auto") -> str:
+    """The soundfile subtype ("PCM_16", "PCM_24", "FLOAT") for writing stems of `info`'s file.
+
+    32 means 32-bit float WAV (FLAC has no float). "auto" keeps the input's precision:
+    16/24-bit stay, 8-bit becomes 16, 32-bit int and float become float WAV or 24-bit FLAC,
+    lossy input becomes 16.
+    """
+    fmt = _parse_format(output_format)
+    depth = _parse_bit_depth(bit_depth)
+    if depth == "auto":
+        if not info.lossless or info.bits is None:
+            depth = 16
+        elif info.is_float or info.bits > 24:
+            depth = 32 if fmt == "wav" else 24
+        else:
+            depth = 16 if info.bits <= 16 else 24
+    if depth == 32:
+        if fmt == "flac":
+            raise AudioEncodeError("bit depth 32 (float) is not available for FLAC; choose 16 or 24, or WAV")
+        return _FLOAT_SUBTYPE
+    return f"PCM_{depth}"
+
+
+@dataclass(frozen=True)
+class ClipReport:
+    """What quantizing did to out-of-range samples: how many were clipped, the peak |x| seen."""
+
+    samples: int = 0  # individual samples (all channels) set to the integer range's limit
+    peak: float = 0.0  # largest |x| in full-scale units (1.0 = full scale)
+
+    def __add__(self, other: ClipReport) -> ClipReport:
+        return ClipReport(self.samples + other.samples, max(self.peak, other.peak))
+
+
+def quantize(x: np.ndarray, bits: int) -> tuple[np.ndarray, ClipReport]:
+    """float -> integers: rint(x * 2**(bits-1)) (half to even), clipped to the b-bit range.
+
+    Returns int16 for 16 bits, int32 for 24 (the 24-bit value, not shifted), and the
+    `ClipReport` of what was clipped. Inverse of decoding for values that came from b-bit
+    integers. Scaling by a power of two is exact in float32, so x's dtype is kept.
+    """
+    if bits not in (16, 24):
+        raise ValueError(f"quantize supports 16 or 24 bits, got {bits}")
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"quantize expects floats, got {x.dtype}")
+    scale = 2.0 ** (bits - 1)
+    lo, hi = -scale, scale - 1
+    y = np.rint(x * x.dtype.type(scale))
+    if np.isnan(y).any():
+        raise ValueError("cannot quantize NaN samples")
+    clipped = int(np.count_nonzero((y < lo) | (y > hi)))
+    np.clip(y, lo, hi, out=y)
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    return y.astype(np.int16 if bits == 16 else np.int32), ClipReport(clipped, peak)
+
+
+class AudioWriter:
+    """Writes a stem block by block, atomically.
+
+    Data goes to a hidden `.<name>.<random>.part` file beside `path`, which replaces `path`
+    only when the writer is closed without error (`with AudioWriter(...) as w:`); any
+    failure removes it, so `path` is either the complete new file or untouched.
+    Float blocks are quantized for PCM subtypes (the clip report accumulates in `clip`);
+    integer blocks are taken as already quantized to the subtype's bits and written as is.
+    WAV data over 4 GiB (`expected_frames`) is written as RF64.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        sample_rate: int,
+        channels: int,
+        subtype: str,
+        format: str = "wav",
+        *,
+        expected_frames: int | None = None,
+    ):
+        self.path = os.fspath(path)
+        self.name = os.path.basename(self.path)
+        self.subtype = subtype
+        self.channels = channels
+        self.clip = ClipReport()
+        fmt = _parse_format(format)
+        valid = ("PCM_16", "PCM_24") if fmt == "flac" else ("PCM_16", "PCM_24", _FLOAT_SUBTYPE)
+        if subtype not in valid:
+            choices = ", ".join(valid)
+            raise AudioEncodeError(f"{self.name}: subtype {subtype!r} is not one of {choices} for {fmt.upper()}")
+        sf_format = fmt.upper()
+        if fmt == "wav" and expected_frames is not None:
+            bytes_per_sample = 2 if subtype == "PCM_16" else 3 if subtype == "PCM_24" else 4
+            if expected_frames * channels * bytes_per_sample > 0xFFFFFFFF - (1 << 16):
+                sf_format = "RF64"
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            what = "is not a directory" if os.path.exists(directory) else "does not exist"
+            raise AudioEncodeError(f"{self.name}: cannot be written because the output directory {directory} {what}")
+        self._tmp = os.path.join(directory, f".{self.name}.{secrets.token_hex(4)}.part")
+        try:
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
+        except OSError as exc:
+            raise AudioEncodeError(f"{self.name}: cannot be written into {directory} ({_reason(exc)})") from None
+        self._fd: int | None = fd
+        self._file: soundfile.SoundFile | None = None
+        try:
+            self._file = soundfile.SoundFile(
+                fd, "w", samplerate=sample_rate, channels=channels, subtype=subtype, format=sf_format, closefd=False
+            )
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, (soundfile.LibsndfileError, RuntimeError, OSError)):
+                raise AudioEncodeError(f"{self.name}: cannot be written ({_reason(exc)})") from None
+            raise
+
+    def write(self, block: np.ndarray) -> ClipReport:
+        """Append (channels, n) samples; returns this block's clip report."""
+        if self._file is None:
+            raise ValueError(f"{self.name}: the writer is already closed")
+        try:
+            if block.ndim != 2 or block.shape[0] != self.channels:
+                raise ValueError(f"expected a ({self.channels}, n) block, got shape {block.shape}")
+            data, report = self._samples(block)  # (n, channels)
+            self._file.write(data)
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, (soundfile.LibsndfileError, RuntimeError, OSError)):
+                raise AudioEncodeError(f"{self.name}: could not be written ({_reason(exc)})") from None
+            raise
+        self.clip += report
+        return report
+
+    def _samples(self, block: np.ndarray) -> tuple[np.ndarray, ClipReport]:
+        bits = PCM_BITS.get(self.subtype)
+        if np.issubdtype(block.dtype, np.integer):
+            if bits is None:
+                raise ValueError(f"integer samples need a PCM subtype, not {self.subtype}")
+            lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+            if block.size and (block.min() < lo or block.max() > hi):
+                raise ValueError(f"integer samples outside the {bits}-bit range")
+            ints = block
+            peak = float(np.max(np.abs(ints.astype(np.int64)))) / (1 << (bits - 1)) if block.size else 0.0
+            report = ClipReport(0, peak)
+        elif np.issubdtype(block.dtype, np.floating):
+            if not np.isfinite(block).all():
+                raise AudioEncodeError(f"{self.name}: refusing to write NaN or infinite samples")
+            if bits is None:  # float output keeps everything, overs included
+                peak = float(np.max(np.abs(block))) if block.size else 0.0
+                return np.ascontiguousarray(block.T, dtype=np.float32), ClipReport(0, peak)
+            ints, report = quantize(block, bits)
+        else:
+            raise ValueError(f"samples must be float or integer, got {block.dtype}")
+        # libsndfile maps int16 to 16-bit PCM as is, and int32 to 24-bit PCM by its top 24 bits.
+        if bits == 16:
+            return np.ascontiguousarray(ints.T, dtype=np.int16), report
+        return np.ascontiguousarray(ints.T, dtype=np.int32) << 8, report
+
+    def close(self) -> None:
+        """Finish the file and move it into place."""
+        if self._file is None:
+            return
+        try:
+            self._file.close()
+            self._file = None
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self._tmp, self.path)
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, (soundfile.LibsndfileError, RuntimeError, OSError)):
+                raise AudioEncodeError(f"{self.name}: could not be written ({_reason(exc)})") from None
+            raise
+
+    def abort(self) -> None:
+        """Give up: close and remove the temporary file; `path` is left as it was."""
+        if self._file is not None:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            self._file = None
+        self._discard()
+
+    def _discard(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> AudioWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+_WRITE_BLOCK = 1 << 18  # frames per soundfile call: bounds the quantizing temporaries
+
+
+def write(
+    path: str | os.PathLike[str], x: np.ndarray, sample_rate: int, subtype: str, format: str = "wav"
+) -> ClipReport:
+    """Write (channels, frames) samples to `path` atomically; returns the clip report.
+
+    Floats are quantized for PCM_16/PCM_24 (clipping counted, never silent) or written as
+    32-bit float for FLOAT; integer arrays are taken as already quantized and stored exactly.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"expected samples shaped (channels, frames), got shape {x.shape}")
+    with AudioWriter(path, sample_rate, x.shape[0], subtype, format, expected_frames=x.shape[1]) as writer:
+        for start in range(0, x.shape[1], _WRITE_BLOCK):
+            writer.write(x[:, start : start + _WRITE_BLOCK])
+    return writer.clip
