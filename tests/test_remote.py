@@ -1,0 +1,351 @@
+"""`stemsep.remote` against the real `replicate` SDK pointed at a local server that records
+what the SDK sends (the calls are checked on the wire, not inside our wrapper)."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import http.server
+import io
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from stemsep import cli, remote
+from stemsep.errors import RemoteError
+
+TOKEN = "r8_test_token"
+MODEL = "ryansmith/bs-roformer"
+VOCALS = b"RIFF-vocals-" + bytes(range(256)) * 64
+INSTRUMENTAL = b"RIFF-instrumental-" + bytes(range(255, -1, -1)) * 64
+
+
+class FakeReplicate:
+    """Answers the Replicate HTTP API calls the SDK makes, records every request, and serves
+    the output files. A prediction starts, is `processing` on the first poll, then ends."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.predictions: dict[str, dict] = {}
+        self.polls: collections.Counter[str] = collections.Counter()
+        self.outcome = "succeeded"  # or "failed"
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _reply(self, status: int, payload, content_type: str = "application/json") -> None:
+                body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with fake.lock:
+                    fake.requests.append(
+                        {"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body}
+                    )
+                if self.path.startswith("/files/"):
+                    data = {"/files/vocals.wav": VOCALS, "/files/instrumental.wav": INSTRUMENTAL}.get(self.path)
+                    return self._reply(200, data, "audio/wav") if data else self._reply(404, {"detail": "no file"})
+                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                    return self._reply(401, {"title": "Unauthenticated", "detail": "You did not pass a valid authentication token", "status": 401})
+                if self.command == "POST" and self.path == "/v1/files":
+                    return self._reply(201, {
+                        "id": "file123", "name": "upload", "content_type": "audio/wav", "size": len(body),
+                        "etag": "e", "checksums": {}, "metadata": {}, "created_at": "2025-01-01T00:00:00Z",
+                        "expires_at": None, "urls": {"get": "https://api.replicate.com/v1/files/file123"},
+                    })
+                if self.command == "POST" and (self.path == "/v1/predictions" or self.path.endswith("/predictions")):
+                    request = json.loads(body)
+                    pid = f"pred{len(fake.predictions) + 1:04d}"
+                    prediction = {
+                        "id": pid, "model": MODEL, "version": request.get("version", "v1"), "status": "starting",
+                        "input": request.get("input"), "output": None, "error": None, "logs": "",
+                        "urls": {"get": f"{fake.url}/v1/predictions/{pid}", "cancel": f"{fake.url}/v1/predictions/{pid}/cancel"},
+                    }
+                    fake.predictions[pid] = prediction
+                    return self._reply(201, prediction)
+                if self.command == "GET" and self.path.startswith("/v1/predictions/"):
+                    pid = self.path.rsplit("/", 1)[-1]
+                    prediction = fake.predictions[pid]
+                    fake.polls[pid] += 1
+                    if fake.polls[pid] == 1:
+                        prediction["status"] = "processing"
+                    elif fake.outcome == "succeeded":
+                        prediction.update(status="succeeded", metrics={"predict_time": 1.5},
+                                          output=[f"{fake.url}/files/vocals.wav", f"{fake.url}/files/instrumental.wav"])
+                    else:
+                        prediction.update(status="failed", error="ValueError: song.mp3: not an audio file")
+                    return self._reply(200, prediction)
+                return self._reply(404, {"detail": f"no route {self.command} {self.path}"})
+
+            do_GET = do_POST = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def api_requests(self) -> list[dict]:
+        return [r for r in self.requests if r["path"].startswith("/v1/")]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def api(monkeypatch):
+    fake = FakeReplicate()
+    monkeypatch.setenv("REPLICATE_POLL_INTERVAL", "0.01")
+    monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
+    monkeypatch.delenv("REPLICATE_MODEL", raising=False)
+    monkeypatch.delenv("REPLICATE_BASE_URL", raising=False)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def song(tmp_path) -> Path:
+    path = tmp_path / "song.wav"
+    path.write_bytes(b"RIFF" + bytes(1000))
+    return path
+
+
+def _create_request(api: FakeReplicate) -> dict:
+    creates = [r for r in api.api_requests() if r["method"] == "POST" and r["path"].endswith("predictions")]
+    assert len(creates) == 1
+    return creates[0]
+
+
+# separate (replicate.run) ------------------------------------------------------------------
+
+
+def test_separate_with_a_url_creates_a_model_prediction_waits_and_returns_both_stem_urls(api):
+    stems = remote.separate("https://example.com/song.mp3", model=MODEL, api_token=TOKEN, base_url=api.url)
+
+    assert stems == {"vocals": f"{api.url}/files/vocals.wav", "instrumental": f"{api.url}/files/instrumental.wav"}
+    create = _create_request(api)
+    assert create["path"] == f"/v1/models/{MODEL}/predictions"
+    assert json.loads(create["body"]) == {"input": {"audio": "https://example.com/song.mp3"}}
+    assert create["headers"]["Authorization"] == f"Bearer {TOKEN}"
+    assert create["headers"]["Prefer"] == "wait"  # replicate.run's blocking create
+    polls = [r for r in api.api_requests() if r["method"] == "GET"]
+    assert [r["path"] for r in polls] == ["/v1/predictions/pred0001"] * 2
+    assert not any(r["path"] == "/v1/files" for r in api.requests)
+
+
+def test_separate_uploads_a_local_file_and_passes_its_url(api, song):
+    remote.separate(song, model=MODEL, api_token=TOKEN, base_url=api.url)
+
+    upload, create = api.api_requests()[:2]
+    assert (upload["method"], upload["path"]) == ("POST", "/v1/files")
+    assert upload["headers"]["Content-Type"].startswith("multipart/form-data")
+    assert b'filename="song.wav"' in upload["body"] and song.read_bytes() in upload["body"]
+    assert json.loads(create["body"])["input"] == {"audio": "https://api.replicate.com/v1/files/file123"}
+
+
+def test_separate_uploads_an_open_file_from_its_start(api, song):
+    with open(song, "rb") as f:
+        f.read(10)
+        remote.separate(f, model=MODEL, api_token=TOKEN, base_url=api.url)
+    upload = api.api_requests()[0]
+    assert upload["path"] == "/v1/files" and song.read_bytes() in upload["body"]
+
+
+def test_extra_keyword_arguments_are_model_inputs(api):
+    remote.separate("https://example.com/a.wav", model=MODEL, api_token=TOKEN, base_url=api.url,
+                    output_format="flac", overlap=2)
+    assert json.loads(_create_request(api)["body"])["input"] == {
+        "audio": "https://example.com/a.wav", "output_format": "flac", "overlap": 2,
+    }
+
+
+def test_a_pinned_version_creates_the_prediction_by_version(api):
+    remote.separate("https://example.com/a.wav", model=f"{MODEL}:abc123", api_token=TOKEN, base_url=api.url)
+    create = _create_request(api)
+    assert create["path"] == "/v1/predictions"
+    assert json.loads(create["body"]) == {"input": {"audio": "https://example.com/a.wav"}, "version": "abc123"}
+
+
+def test_model_token_and_base_url_come_from_the_environment(api, monkeypatch):
+    monkeypatch.setenv("REPLICATE_MODEL", MODEL)
+    monkeypatch.setenv("REPLICATE_API_TOKEN", TOKEN)
+    monkeypatch.setenv("REPLICATE_BASE_URL", api.url)
+    assert set(remote.separate("https://example.com/a.wav")) == {"vocals", "instrumental"}
+    create = _create_request(api)
+    assert create["path"] == f"/v1/models/{MODEL}/predictions"
+    assert create["headers"]["Authorization"] == f"Bearer {TOKEN}"
+
+
+def test_a_failed_prediction_raises_its_error(api):
+    api.outcome = "failed"
+    with pytest.raises(RemoteError, match=r"prediction pred0001 failed: ValueError: song.mp3: not an audio file"):
+        remote.separate("https://example.com/a.wav", model=MODEL, api_token=TOKEN, base_url=api.url)
+
+
+def test_a_rejected_token_is_a_one_sentence_error(api):
+    with pytest.raises(RemoteError, match=r"HTTP 401\): You did not pass a valid authentication token"):
+        remote.separate("https://example.com/a.wav", model=MODEL, api_token="r8_wrong", base_url=api.url)
+
+
+def test_an_unreachable_api_is_a_clear_error(api):
+    api.close()
+    with pytest.raises(RemoteError, match="could not reach the Replicate API"):
+        remote.separate("https://example.com/a.wav", model=MODEL, api_token=TOKEN, base_url=api.url)
+
+
+# submit (predictions.create with a webhook) ----------------------------------------------
+
+
+def test_submit_sends_the_webhook_with_the_completed_filter_and_returns_the_id_without_waiting(api, song):
+    pid = remote.submit(song, "https://api.fretwise.ai/webhooks/replicate", model=MODEL, api_token=TOKEN, base_url=api.url)
+
+    assert pid == "pred0001"
+    create = _create_request(api)
+    assert create["path"] == f"/v1/models/{MODEL}/predictions"
+    assert json.loads(create["body"]) == {
+        "input": {"audio": "https://api.replicate.com/v1/files/file123"},
+        "webhook": "https://api.fretwise.ai/webhooks/replicate",
+        "webhook_events_filter": ["completed"],
+    }
+    assert "Prefer" not in create["headers"]
+    assert not any(r["method"] == "GET" for r in api.api_requests())
+
+
+def test_submit_refuses_a_webhook_that_is_not_http(api):
+    with pytest.raises(RemoteError, match="not an http"):
+        remote.submit("https://example.com/a.wav", "ftp://x/hook", model=MODEL, api_token=TOKEN, base_url=api.url)
+    assert api.requests == []
+
+
+# errors before any request -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["separate", "submit"])
+def test_a_missing_token_is_a_clear_error_and_sends_nothing(api, song, call):
+    args = (song, "https://h/webhooks/replicate") if call == "submit" else (song,)
+    with pytest.raises(RemoteError, match=r"no Replicate API token: pass one or set REPLICATE_API_TOKEN"):
+        getattr(remote, call)(*args, model=MODEL, base_url=api.url)
+    assert api.requests == []
+
+
+def test_a_missing_model_is_a_clear_error(api, song):
+    with pytest.raises(RemoteError, match=r"no Replicate model given.*REPLICATE_MODEL"):
+        remote.separate(song, api_token=TOKEN, base_url=api.url)
+    with pytest.raises(RemoteError, match="not of the form owner/name"):
+        remote.separate(song, model="bs-roformer", api_token=TOKEN, base_url=api.url)
+    assert api.requests == []
+
+
+def test_a_local_file_over_100_mb_is_refused_with_a_hint_to_pass_a_url(api, tmp_path):
+    big = tmp_path / "long-mix.wav"
+    with open(big, "wb") as f:
+        f.truncate(remote.MAX_UPLOAD_BYTES + 1)  # sparse: no 100 MB written
+    for audio in (big, str(big)):
+        with pytest.raises(RemoteError, match=r"long-mix\.wav: 100 MB is over Replicate's 100 MB upload limit.*URL"):
+            remote.separate(audio, model=MODEL, api_token=TOKEN, base_url=api.url)
+    with open(big, "rb") as f, pytest.raises(RemoteError, match="upload limit"):
+        remote.submit(f, "https://h/webhooks/replicate", model=MODEL, api_token=TOKEN, base_url=api.url)
+    assert api.requests == []
+
+
+def test_a_file_exactly_at_the_cap_is_uploaded(api, tmp_path):
+    edge = tmp_path / "edge.wav"
+    with open(edge, "wb") as f:
+        f.truncate(remote.MAX_UPLOAD_BYTES)
+    assert remote.audio_input(edge) == edge
+
+
+def test_a_missing_local_file_is_named(api, tmp_path):
+    with pytest.raises(RemoteError, match="nope.wav: no such file"):
+        remote.separate(tmp_path / "nope.wav", model=MODEL, api_token=TOKEN, base_url=api.url)
+
+
+# outputs and downloads ---------------------------------------------------------------------
+
+
+def test_stem_urls_maps_the_output_list_in_order_and_rejects_other_shapes():
+    assert remote.stem_urls(["https://a/v.wav", "https://a/i.wav"]) == {"vocals": "https://a/v.wav", "instrumental": "https://a/i.wav"}
+    for bad in (None, "https://a/v.wav", ["https://a/v.wav"], [1, 2]):
+        with pytest.raises(RemoteError, match="output"):
+            remote.stem_urls(bad)
+
+
+def test_url_extension():
+    assert remote.url_extension("https://replicate.delivery/x/vocals.WAV?sig=1") == "wav"
+    assert remote.url_extension("data:audio/x-wav;base64,AAAA") == "wav"
+    assert remote.url_extension("data:audio/flac;base64,AAAA") == "flac"
+    assert remote.url_extension("https://replicate.delivery/x/out") == "bin"
+
+
+def test_download_decodes_a_data_url(tmp_path):
+    url = "data:audio/wav;base64," + base64.b64encode(VOCALS).decode()
+    assert remote.download(url, tmp_path / "v.wav").read_bytes() == VOCALS
+
+
+def test_download_does_not_retry_a_404_and_leaves_nothing_behind(api, tmp_path):
+    with pytest.raises(RemoteError, match="HTTP 404"):
+        remote.download(f"{api.url}/files/gone.wav", tmp_path / "gone.wav", backoff=0.01)
+    assert [r["path"] for r in api.requests] == ["/files/gone.wav"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_gives_up_after_its_attempts_on_a_dead_server(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    port = server.server_address[1]
+    server.server_close()  # nothing listens there now
+    with pytest.raises(RemoteError, match="after 3 attempts"):
+        remote.download(f"http://127.0.0.1:{port}/v.wav", tmp_path / "v.wav", attempts=3, backoff=0.01)
+    assert list(tmp_path.iterdir()) == []
+
+
+# the CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_remote_downloads_both_stems(api, song, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REPLICATE_API_TOKEN", TOKEN)
+    monkeypatch.setenv("REPLICATE_BASE_URL", api.url)
+    out = tmp_path / "stems"
+    assert cli.main(["remote", str(song), "-o", str(out), "--model", MODEL, "-i", "overlap=2"]) == 0
+    assert (out / "song_vocals.wav").read_bytes() == VOCALS
+    assert (out / "song_instrumental.wav").read_bytes() == INSTRUMENTAL
+    assert capsys.readouterr().out.split() == [str(out / "song_vocals.wav"), str(out / "song_instrumental.wav")]
+    assert json.loads(_create_request(api)["body"])["input"]["overlap"] == 2
+
+
+def test_cli_remote_with_a_webhook_prints_the_prediction_id(api, monkeypatch, capsys):
+    monkeypatch.setenv("REPLICATE_BASE_URL", api.url)
+    monkeypatch.setenv("REPLICATE_MODEL", MODEL)
+    args = ["remote", "https://example.com/long.wav", "--token", TOKEN, "--webhook", "https://h/webhooks/replicate"]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.strip() == "pred0001"
+    assert json.loads(_create_request(api)["body"])["webhook_events_filter"] == ["completed"]
+
+
+def test_cli_remote_without_a_token_prints_one_line(api, song, capsys):
+    assert cli.main(["remote", str(song), "--model", MODEL]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("stemsep: error: no Replicate API token")
+
+
+def test_non_iobase_readers_are_buffered_for_the_sdk():
+    class Reader:
+        name = "/x/clip.wav"
+
+        def read(self, n=-1):
+            return b"abc"
+
+    buffered = remote.audio_input(Reader())
+    assert isinstance(buffered, io.BytesIO) and buffered.name == "clip.wav" and buffered.read() == b"abc"
