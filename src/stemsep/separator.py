@@ -27,6 +27,7 @@ STEMS = ("vocals", "instrumental")
 CHECKPOINT_NAME = "model_bs_roformer_ep_317_sdr_12.9755.ckpt"
 CONFIG_NAME = "model_bs_roformer_ep_317_sdr_12.9755.yaml"
 MAX_OVERLAP = 16
+RESAMPLE_PAD_S = 0.05  # reflected context added around a file before resampling (soxr HQ rings ~ms)
 
 
 class ClippingWarning(UserWarning):
@@ -79,6 +80,7 @@ class Separator:
             config = config or folder / CONFIG_NAME
             if not Path(checkpoint).exists():
                 raise StemsepError(f"weights not downloaded: {checkpoint} is missing; run `stemsep weights download`")
+        self.model_files = (Path(checkpoint), Path(config))
         self.config: Config = load_config(config)
         self.device = resolve_device(device)
         self.model = load_model(checkpoint, self.config, self.device)
@@ -125,7 +127,12 @@ class Separator:
             )
         if not np.isfinite(mix).all():
             raise AudioDecodeError("audio contains NaN or infinite samples")
-        at_model_rate = audio.resample(mix, sample_rate, self.sample_rate)  # (channels, n')
+        # Resampling treats the world outside the file as silence, so a file that starts or ends
+        # mid-waveform would ring for a few ms at its borders; extending it by reflection first
+        # (and trimming afterwards) keeps the borders clean.
+        pad = 0 if sample_rate == self.sample_rate else min(round(RESAMPLE_PAD_S * sample_rate), length - 1)
+        padded = np.pad(mix, [(0, 0), (pad, pad)], mode="reflect") if pad else mix
+        at_model_rate = audio.resample(padded, sample_rate, self.sample_rate)  # (channels, n')
         pairs = separate_chunks(
             self.model,
             to_stereo_pairs(at_model_rate),  # (pairs, 2, n')
@@ -136,7 +143,7 @@ class Separator:
             on_progress=on_progress,
         )
         vocals = audio.resample(from_stereo_pairs(pairs, channels), self.sample_rate, sample_rate)
-        return fit_length(vocals, length)
+        return fit_length(vocals, length + 2 * pad)[:, pad : pad + length]
 
     def separate(
         self,

@@ -1,0 +1,287 @@
+"""The whole pipeline on real files: known outputs from constructed checkpoints, exact shapes,
+bit-exact stems, no normalization, clipping reported, bad input refused, parity with audio-separator."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from stemsep import audio
+from stemsep.errors import AudioDecodeError, AudioEncodeError
+from stemsep.separator import ClippingWarning, Separator
+from stemsep.synthetic import TINY_MODEL, config_dict, make_model_files
+
+# A small STFT keeps the network fast; the 1297 STFT and band layout are covered in test_model.py.
+FAST_MODEL = {**TINY_MODEL, "stft_n_fft": 256, "stft_win_length": 256, "stft_hop_length": 64, "freqs_per_bands": [8] * 16 + [1]}
+CHUNK = 4096  # 93 ms at 44.1 kHz: even short files span many chunks
+FAST_CONFIG = config_dict(model=FAST_MODEL, audio={"chunk_size": CHUNK}, inference={"num_overlap": 4, "dim_t": CHUNK // 64 + 1})
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Separators whose vocals are known: mask 1 (= mix), 0 (silence), 0.5 (half), and random weights."""
+    root = tmp_path_factory.mktemp("models")
+    made = {name: make_model_files(root / name, FAST_CONFIG, mask=mask) for name, mask in
+            [("pass", 1.0), ("mute", 0.0), ("half", 0.5), ("double", 2.0), ("random", None)]}
+    return {name: Separator(*files, device="cpu", batch_size=4) for name, files in made.items()}
+
+
+def tones(sample_rate: int, frames: int, channels: int, level: float = 0.25, seed: int = 0) -> np.ndarray:
+    """Band-limited test music: a few sines below 0.4 x min(rate, 44.1 kHz), faded in and out
+    (an abrupt step would ring after resampling: band-limiting, not an error)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames) / sample_rate
+    top = 0.4 * min(sample_rate, 44100)
+    x = np.zeros((channels, frames))
+    for c in range(channels):
+        for f in rng.uniform(40, top, 6):
+            x[c] += np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
+    fade = min(frames // 4, int(0.02 * sample_rate))
+    ramp = np.sin(np.linspace(0, np.pi / 2, fade)) ** 2
+    x[:, :fade] *= ramp
+    x[:, frames - fade :] *= ramp[::-1]
+    return (level * x / np.abs(x).max()).astype(np.float32)
+
+
+def db(x: float) -> float:
+    return 20 * math.log10(max(x, 1e-300))
+
+
+# known outputs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sample_rate", [8000, 22050, 44100, 48000, 96000])
+@pytest.mark.parametrize("channels", [1, 2, 6])
+def test_constant_masks_give_the_mix_silence_and_half_at_every_rate_and_channel_count(models, sample_rate, channels):
+    mix = tones(sample_rate, sample_rate // 2, channels)
+    worst = 0.0
+    for name, gain in [("pass", 1.0), ("mute", 0.0), ("half", 0.5)]:
+        stems = models[name].separate_array(mix, sample_rate)
+        assert stems["vocals"].shape == stems["instrumental"].shape == mix.shape
+        worst = max(worst, np.abs(stems["vocals"] - gain * mix).max(), np.abs(stems["instrumental"] - (1 - gain) * mix).max())
+    print(f"{sample_rate} Hz x{channels}: worst error {db(worst):.0f} dBFS")
+    assert db(worst) < (-110 if sample_rate == 44100 else -60)
+
+
+@pytest.mark.parametrize("overlap", [1, 2, 4, 8])
+@pytest.mark.parametrize("frames", [300, CHUNK - 1, CHUNK, CHUNK + 1, 7 * CHUNK + 5])
+def test_pass_through_is_exact_at_any_length_and_overlap(models, frames, overlap):
+    """Shorter than one chunk, exactly one, one either side, and several: no seams, exact length."""
+    mix = tones(44100, frames, 2)
+    vocals = models["pass"].separate_array(mix, 44100, overlap=overlap)["vocals"]
+    assert vocals.shape == mix.shape
+    assert db(np.abs(vocals - mix).max()) < -110
+
+
+def test_several_minutes_separate_with_exact_length_and_no_seams(models):
+    mix = tones(48000, 3 * 60 * 48000 + 17, 2)
+    vocals = models["pass"].separate_array(mix, 48000, overlap=2)["vocals"]
+    assert vocals.shape == mix.shape
+    error = np.abs(vocals - mix).max()
+    print(f"3-min 48 kHz pass-through: worst error {db(error):.0f} dBFS")
+    assert db(error) < -60
+
+
+def test_batch_size_does_not_change_the_result(models, tmp_path):
+    mix = tones(44100, 5 * CHUNK, 2)
+    random = models["random"]
+    expected = random.separate_array(mix, 44100)["vocals"]
+    for batch_size in (1, 3, 16):
+        other = Separator(random.model_files[0], random.model_files[1], device="cpu", batch_size=batch_size)
+        np.testing.assert_allclose(other.separate_array(mix, 44100)["vocals"], expected, rtol=0, atol=1e-6)
+
+
+# files ----------------------------------------------------------------------------------------
+
+
+def write_input(path, mix, sample_rate, subtype=None, fmt=None):
+    sf.write(path, mix.T, sample_rate, subtype=subtype, format=fmt)
+    return path
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name, subtype, fmt", [
+    ("song.wav", "PCM_16", "WAV"), ("song.wav", "PCM_24", "WAV"), ("song.wav", "PCM_U8", "WAV"),
+    ("song.wav", "PCM_32", "WAV"), ("song.wav", "FLOAT", "WAV"), ("song.flac", "PCM_24", "FLAC"),
+    ("song.aiff", "PCM_16", "AIFF"), ("song.mp3", "MPEG_LAYER_III", "MP3"), ("song.opus", "OPUS", "OGG"),
+])
+def test_pass_through_files_keep_rate_length_channels_and_samples(models, tmp_path, name, subtype, fmt):
+    rate = 48000 if fmt == "OGG" else 44100
+    source = write_input(tmp_path / name, tones(rate, rate, 2), rate, subtype, fmt)
+    mix, info = audio.decode(source)
+    before = sha256(source)
+    paths = models["pass"].separate(source, tmp_path)
+    assert paths == {"vocals": tmp_path / "song_vocals.wav", "instrumental": tmp_path / "song_instrumental.wav"}
+    assert sha256(source) == before  # the input is never modified
+    expected_bits = {"PCM_16": 16, "PCM_24": 24, "PCM_U8": 16, "PCM_32": 32, "FLOAT": 32}.get(subtype, 16)
+    for stem, expected in [("vocals", mix), ("instrumental", np.zeros_like(mix))]:
+        out, out_info = audio.decode(paths[stem])
+        assert (out_info.sample_rate, out_info.channels, out_info.frames) == (info.sample_rate, info.channels, info.frames)
+        assert out_info.bits == expected_bits
+        lsb = 2.0 ** -(expected_bits - 1) if expected_bits < 32 else 1e-6
+        error = np.abs(out - expected)
+        if rate == 44100:
+            assert error.max() <= lsb, stem
+        else:  # Opus at 48 kHz goes through 44.1 kHz and back, and ends mid-waveform, which
+            # rings in its last ms after resampling: -84 dBFS inside (2 LSB), -60 at the border
+            border = rate // 500  # 2 ms
+            assert db(error[:, border:-border].max()) < -80, stem
+            assert db(error.max()) < -55, stem
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "song_vocals.wav", "song_instrumental.wav"])
+
+
+@pytest.mark.parametrize("subtype, bits", [("PCM_16", 16), ("PCM_24", 24)])
+@pytest.mark.parametrize("fmt", ["wav", "flac"])
+def test_stems_sum_to_mix_bit_exactly_for_pcm_with_random_weights(models, tmp_path, subtype, bits, fmt):
+    source = write_input(tmp_path / "song.wav", tones(44100, 3 * CHUNK, 2, level=0.5), 44100, subtype)
+    paths = models["random"].separate(source, tmp_path, output_format=fmt)
+    mix = sf.read(source, dtype="int32")[0] >> (32 - bits)
+    vocals = sf.read(paths["vocals"], dtype="int32")[0] >> (32 - bits)
+    instrumental = sf.read(paths["instrumental"], dtype="int32")[0] >> (32 - bits)
+    assert np.abs(vocals).max() > 0 and np.abs(instrumental).max() > 0  # a real split, not a copy
+    assert np.array_equal(vocals + instrumental, mix)
+
+
+def test_no_normalization_a_minus_20_dbfs_song_stays_minus_20_dbfs(models, tmp_path):
+    mix = tones(44100, 44100, 2, level=10 ** (-20 / 20))
+    source = write_input(tmp_path / "quiet.wav", mix, 44100, "FLOAT")
+    vocals = sf.read(models["pass"].separate(source, tmp_path)["vocals"], dtype="float32")[0].T
+    assert db(np.abs(vocals).max()) == pytest.approx(-20, abs=1e-4)
+    rms = lambda x: np.sqrt(np.mean(x.astype(np.float64) ** 2))  # noqa: E731
+    assert db(rms(vocals)) == pytest.approx(db(rms(mix)), abs=1e-4)
+
+
+def test_clipping_is_reported_never_silent_and_float_keeps_the_overs(models, tmp_path):
+    source = write_input(tmp_path / "loud.wav", tones(44100, 44100, 2, level=0.8), 44100, "PCM_16")
+    with pytest.warns(ClippingWarning, match=r"loud_vocals.wav: \d+ samples clipped \(peak 1.6"):
+        paths = models["double"].separate(source, tmp_path)  # vocals = 2 x mix
+    assert np.abs(sf.read(paths["vocals"], dtype="int16")[0]).max() == 32767
+    paths = models["double"].separate(source, tmp_path, bit_depth=32)
+    assert np.abs(sf.read(paths["vocals"])[0]).max() == pytest.approx(1.6, abs=1e-3)
+
+
+def test_flac_and_explicit_bit_depths(models, tmp_path):
+    source = write_input(tmp_path / "song.wav", tones(44100, 44100, 1), 44100, "PCM_16")
+    paths = models["pass"].separate(source, tmp_path, output_format="flac", bit_depth=24)
+    info = sf.info(paths["vocals"])
+    assert (paths["vocals"].name, info.format, info.subtype, info.channels) == ("song_vocals.flac", "FLAC", "PCM_24", 1)
+    with pytest.raises(AudioEncodeError, match="32 .* not available for FLAC"):
+        models["pass"].separate(source, tmp_path, output_format="flac", bit_depth=32)
+
+
+# bad input ------------------------------------------------------------------------------------
+
+
+def bad_inputs(tmp_path):
+    (tmp_path / "notes.txt").write_text("not audio at all\n" * 100)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    write_input(tmp_path / "silent.wav", np.zeros((2, 44100), np.float32), 44100, "PCM_16")
+    write_input(tmp_path / "blip.wav", tones(44100, 100, 2), 44100, "PCM_16")
+    nan = tones(44100, 44100, 2)
+    nan[0, 500] = np.nan
+    write_input(tmp_path / "nan.wav", nan, 44100, "FLOAT")
+    return {
+        "notes.txt": "notes.txt: not an audio file",
+        "empty.wav": "empty.wav: .*empty",
+        "silent.wav": "silent.wav: the audio is silent",
+        "blip.wav": "blip.wav: audio is too short to separate",
+        "nan.wav": "nan.wav: .*NaN",
+        "absent.wav": "absent.wav: .*(not found|does not exist|no such)",
+    }
+
+
+def test_bad_inputs_give_one_clear_sentence_and_no_output(models, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, message in bad_inputs(tmp_path).items():
+        with pytest.raises(AudioDecodeError, match=message) as caught:
+            models["pass"].separate(tmp_path / name, out)
+        assert "\n" not in str(caught.value)
+    assert list(out.iterdir()) == []
+
+
+def test_output_folder_missing_or_not_writable(models, tmp_path):
+    source = write_input(tmp_path / "song.wav", tones(44100, 44100, 2), 44100, "PCM_16")
+    with pytest.raises(AudioEncodeError, match="does not exist"):
+        models["pass"].separate(source, tmp_path / "nowhere")
+
+
+def test_a_failed_second_stem_removes_the_first(models, tmp_path, monkeypatch):
+    source = write_input(tmp_path / "song.wav", tones(44100, 44100, 2), 44100, "PCM_16")
+    real_write = audio.write
+
+    def failing_write(path, *args, **kwargs):
+        if "instrumental" in str(path):
+            raise AudioEncodeError("disk full")
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(audio, "write", failing_write)
+    with pytest.raises(AudioEncodeError, match="disk full"):
+        models["pass"].separate(source, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["song.wav"]
+
+
+def test_overlap_out_of_range_is_refused(models):
+    with pytest.raises(Exception, match="overlap must be an integer from 1 to 16"):
+        models["pass"].separate_array(tones(44100, 44100, 2), 44100, overlap=17)
+
+
+# real audio and the reference tool ---------------------------------------------------------------
+
+
+def test_musdb_excerpt_separates_at_its_own_rate_and_length(models, tmp_path):
+    import stempeg
+
+    excerpt = next((p for p in __import__("pathlib").Path(stempeg.__file__).parent.glob("data/*.stem.mp4")))
+    paths = models["random"].separate(excerpt, tmp_path)
+    for path in paths.values():
+        info = sf.info(path)
+        assert (info.samplerate, info.channels, info.frames, info.subtype) == (44100, 2, 268288, "PCM_16")
+
+
+def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
+    return 10 * math.log10(np.sum(reference**2) / np.sum((reference - estimate) ** 2))
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="audio-separator needs the ffmpeg binary (apt-get install ffmpeg)")
+def test_pipeline_parity_with_audio_separator_on_the_same_random_weights(models, tmp_path):
+    """Same checkpoint through audio-separator's Separator: close, not identical (its Hamming
+    window and unpadded borders differ from our Hann window and reflect-padded borders)."""
+    from audio_separator.separator import Separator as ReferenceSeparator
+
+    from stemsep.separator import CHECKPOINT_NAME, CONFIG_NAME
+
+    random = models["random"]
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(random.model_files[0], weights / CHECKPOINT_NAME)
+    shutil.copy(random.model_files[1], weights / CONFIG_NAME)
+    (weights / "download_checks.json").write_text(__import__("json").dumps({
+        **{key: {} for key in ["vr_download_list", "mdx_download_list", "mdx_download_vip_list", "demucs_download_list",
+                               "mdx23c_download_list", "mdx23c_download_vip_list"]},
+        "roformer_download_list": {"BS-Roformer-Viperx-1297": {CHECKPOINT_NAME: CONFIG_NAME}},
+    }))
+    mix = tones(44100, 30 * CHUNK, 2, level=0.5)  # below the 0.9 peak it normalizes to
+    source = write_input(tmp_path / "song.wav", mix, 44100, "FLOAT")
+    reference = ReferenceSeparator(model_file_dir=str(weights), output_dir=str(tmp_path / "ref"), output_format="WAV",
+                                   mdxc_params={"overlap": 4, "batch_size": 1, "pitch_shift": 0,
+                                                # its chunk = hop x (segment_size - 1): pin it to ours, or it
+                                                # picks a longer chunk for short files by itself
+                                                "segment_size": FAST_CONFIG["inference"]["dim_t"],
+                                                "override_model_segment_size": True})
+    reference.load_model(model_filename=CHECKPOINT_NAME)
+    outputs = reference.separate(str(source))
+    theirs = sf.read(tmp_path / "ref" / next(o for o in outputs if "Vocals" in o), dtype="float32")[0].T
+    ours = random.separate_array(mix, 44100, overlap=4)["vocals"]
+    value = sdr(theirs, ours)
+    print(f"SDR between audio-separator's and stemsep's vocals (random weights): {value:.1f} dB")
+    assert theirs.shape == ours.shape
+    assert value > 30  # measured 37.8 dB
