@@ -257,18 +257,11 @@ def test_pipeline_parity_with_audio_separator_on_the_same_random_weights(models,
     window and unpadded borders differ from our Hann window and reflect-padded borders)."""
     from audio_separator.separator import Separator as ReferenceSeparator
 
-    from stemsep.separator import CHECKPOINT_NAME, CONFIG_NAME
+    from stemsep.reference import audio_separator_model_dir
+    from stemsep.separator import CHECKPOINT_NAME
 
     random = models["random"]
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    shutil.copy(random.model_files[0], weights / CHECKPOINT_NAME)
-    shutil.copy(random.model_files[1], weights / CONFIG_NAME)
-    (weights / "download_checks.json").write_text(__import__("json").dumps({
-        **{key: {} for key in ["vr_download_list", "mdx_download_list", "mdx_download_vip_list", "demucs_download_list",
-                               "mdx23c_download_list", "mdx23c_download_vip_list"]},
-        "roformer_download_list": {"BS-Roformer-Viperx-1297": {CHECKPOINT_NAME: CONFIG_NAME}},
-    }))
+    weights = audio_separator_model_dir(*random.model_files, tmp_path / "weights")
     mix = tones(44100, 30 * CHUNK, 2, level=0.5)  # below the 0.9 peak it normalizes to
     source = write_input(tmp_path / "song.wav", mix, 44100, "FLOAT")
     reference = ReferenceSeparator(model_file_dir=str(weights), output_dir=str(tmp_path / "ref"), output_format="WAV",
