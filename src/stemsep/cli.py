@@ -179,6 +179,84 @@ def _run_serve_webhooks(args: argparse.Namespace) -> int:
     return 0
 
 
+# eval ------------------------------------------------------------------------------------
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="score vocals/instrumental SDR on MUSDB18-HQ or MUSDB18: the model's, or existing stems'")
+    p.add_argument("dataset", type=Path, metavar="DATASET",
+                   help="MUSDB18-HQ (folders with mixture.wav, vocals.wav) or MUSDB18 (.stem.mp4 files), with or without train/ test/")
+    p.add_argument("--split", default="test", help="subfolder of DATASET to score, when it has one (default: test)")
+    p.add_argument("--limit", type=int, metavar="N", help="score only the first N tracks (sorted by name)")
+    p.add_argument("--estimates", type=Path, metavar="DIR",
+                   help="score the stem files in DIR instead of running the model (layouts: docs/eval.md)")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="write the results to FILE after each track; tracks already in it are not scored again")
+    p.add_argument("--no-bsseval", action="store_true",
+                   help="skip museval's BSSEval v4 SDR (the slow part: ~0.3 s per second of audio on a CPU)")
+    _add_model_options(p)
+    p.set_defaults(func=_run_eval)
+
+
+def _eval_cell(value: float | None) -> str:
+    text = "-" if value is None else f"{value:.3f}"
+    return f"{'0.000' if text == '-0.000' else text:>9}"
+
+
+def _eval_row(label: str, width: int, duration: str, sdr: dict, bss: dict | None) -> str:
+    cells = [sdr.get(s) for s in ("vocals", "instrumental")] + [(bss or {}).get(s) for s in ("vocals", "instrumental")]
+    return f"{label:<{width}}  {duration:>7}  " + "  ".join(_eval_cell(v) for v in cells)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from stemsep import evaluate
+
+    if args.limit is not None and args.limit < 1:
+        raise StemsepError(f"--limit must be at least 1, got {args.limit}")
+    tracks = evaluate.find_tracks(args.dataset, args.split)[: args.limit]
+    settings = {"dataset": str(args.dataset.resolve()), "split": args.split}
+    if args.estimates:
+        model_options = [
+            f"--{k.replace('_', '-')}" for k in ("checkpoint", "config", "batch_size", "overlap") if getattr(args, k) is not None
+        ]
+        if model_options:
+            raise StemsepError(f"{', '.join(model_options)} cannot be used with --estimates, which scores existing files")
+        settings["estimates"] = str(args.estimates.resolve())
+        estimator = evaluate.file_estimates(args.estimates)
+    else:
+        from stemsep.separator import CHECKPOINT_NAME, CONFIG_NAME
+
+        separator = _load_separator(args)
+        overlap = separator.config.inference.num_overlap if args.overlap is None else args.overlap
+        settings.update(
+            checkpoint=args.checkpoint.name if args.checkpoint else CHECKPOINT_NAME,
+            config=args.config.name if args.config else CONFIG_NAME,
+            overlap=overlap, device=str(separator.device), batch_size=separator.batch_size,
+        )
+        estimator = evaluate.separator_estimates(separator, overlap)
+
+    width = max(len("track"), *(len(t.name) for t in tracks))
+    print(f"{'':<{width}}  {'':>7}  {'SDR (MSST), dB':>20}  {'BSSEval v4 SDR, dB':>20}")
+    print(f"{'track':<{width}}  {'seconds':>7}  {'vocals':>9}  {'instr.':>9}  {'vocals':>9}  {'instr.':>9}")
+    with tqdm(total=len(tracks), desc="tracks", unit="track", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False) as bar:
+
+        def on_track(result, resumed: bool, index: int, total: int) -> None:
+            tqdm.write(_eval_row(result.name, width, f"{result.duration:.1f}", result.sdr, result.bsseval_sdr), file=sys.stdout)
+            bar.update(1)
+
+        report = evaluate.evaluate(tracks, estimator, settings, args.json, bsseval=not args.no_bsseval, on_track=on_track)
+    summary = report.summary
+    for agg in ("median", "mean"):
+        bss = None if args.no_bsseval else summary["bsseval_sdr"][agg]
+        print(_eval_row(agg, width, "", summary["sdr"][agg], bss))
+    scored = len(report.scores) - report.resumed
+    where = f", {report.resumed} read from {args.json}" if args.json else ""
+    print(f"{len(report.scores)} track{'s' * (len(report.scores) != 1)}: {scored} scored{where}")
+    return 0
+
+
 # entry point -----------------------------------------------------------------------------
 
 
@@ -189,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_weights(sub)
     _add_remote(sub)
     _add_serve_webhooks(sub)
+    _add_eval(sub)
     return parser
 
 
