@@ -89,3 +89,37 @@ def test_progress_reports_every_batch_up_to_the_total():
                     on_progress=lambda done, total: seen.append((done, total)))
     total = plan_chunks(1000, 100, 2).count
     assert seen[-1] == (total, total) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    length=st.integers(1, 3000),
+    overlap=st.integers(1, 8),
+    batch_size=st.integers(1, 5),
+    groups=st.integers(1, 3),
+    cuts=st.lists(st.integers(0, 3000), max_size=12),
+)
+def test_streaming_in_blocks_is_bit_identical_to_the_whole_signal(length, overlap, batch_size, groups, cuts):
+    from stemsep.inference import StreamingSeparation
+
+    signal = np.random.default_rng(length).standard_normal((groups, 2, length)).astype(np.float32)
+    whole = separate_chunks(ChunkMean(), signal, chunk=128, overlap=overlap, batch_size=batch_size)
+    stream = StreamingSeparation(ChunkMean(), groups=groups, channels=2, chunk=128, overlap=overlap, batch_size=batch_size)
+    edges = sorted({0, length, *(c for c in cuts if c < length)})
+    parts = [stream.push(signal[..., a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    parts.append(stream.finish())
+    streamed = np.concatenate(parts, axis=-1)
+    assert streamed.shape == whole.shape
+    assert np.array_equal(streamed, whole)
+
+
+def test_streaming_memory_stays_a_few_chunks_whatever_the_length():
+    from stemsep.inference import StreamingSeparation
+
+    stream = StreamingSeparation(Gain(), groups=1, channels=2, chunk=256, overlap=4, batch_size=2)
+    block = np.ones((1, 2, 1000), np.float32)
+    largest = 0
+    for _ in range(200):
+        stream.push(block)
+        largest = max(largest, stream.input.shape[-1], stream.output.shape[-1])
+    assert largest <= 1000 + 3 * 256  # one block plus a few chunks, after 200,000 samples

@@ -216,17 +216,40 @@ def test_output_folder_missing_or_not_writable(models, tmp_path):
 
 def test_a_failed_second_stem_removes_the_first(models, tmp_path, monkeypatch):
     source = write_input(tmp_path / "song.wav", tones(44100, 44100, 2), 44100, "PCM_16")
-    real_write = audio.write
+    real_close = audio.AudioWriter.close
 
-    def failing_write(path, *args, **kwargs):
-        if "instrumental" in str(path):
+    def failing_close(writer):
+        if "instrumental" in writer.path:
             raise AudioEncodeError("disk full")
-        return real_write(path, *args, **kwargs)
+        return real_close(writer)
 
-    monkeypatch.setattr(audio, "write", failing_write)
+    monkeypatch.setattr(audio.AudioWriter, "close", failing_close)
     with pytest.raises(AudioEncodeError, match="disk full"):
         models["pass"].separate(source, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["song.wav"]
+
+
+@pytest.mark.parametrize("sample_rate, channels", [(44100, 2), (48000, 1), (22050, 3)])
+def test_streaming_in_small_blocks_gives_bit_identical_stems(models, sample_rate, channels):
+    """The file path decodes and separates block by block; the result must not depend on the
+    block size: 1,000-sample blocks vs the whole signal at once, random weights."""
+    random = models["random"]
+    mix = tones(sample_rate, 9 * CHUNK + 123, channels)
+    whole = np.concatenate([v for _, v in random._stream([mix], sample_rate, channels, 4, None, None)], axis=-1)
+    blocks = [mix[:, i : i + 1000] for i in range(0, mix.shape[1], 1000)]
+    pairs = list(random._stream(blocks, sample_rate, channels, 4, None, None))
+    streamed_mix = np.concatenate([m for m, _ in pairs], axis=-1)
+    streamed = np.concatenate([v for _, v in pairs], axis=-1)
+    assert np.array_equal(streamed_mix, mix)  # the mix blocks are paired with their own vocals
+    assert streamed.shape == whole.shape == mix.shape
+    assert np.array_equal(streamed, whole)
+
+
+def test_inputs_over_the_duration_limit_are_refused_before_any_work(models, tmp_path):
+    source = write_input(tmp_path / "long.wav", tones(44100, 5 * 44100, 2), 44100, "PCM_16")
+    with pytest.raises(AudioDecodeError, match=r"long.wav: 0:00:05 long, over the 0:00:04 limit"):
+        models["pass"].separate(source, tmp_path, max_duration_s=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.wav"]
 
 
 def test_overlap_out_of_range_is_refused(models):

@@ -501,6 +501,11 @@ def output_subtype(info: AudioInfo, output_format: str, bit_depth: str | int = "
     return f"PCM_{depth}"
 
 
+def bytes_per_sample(subtype: str) -> int:
+    """Bytes one sample of `subtype` takes uncompressed (an upper bound for FLAC)."""
+    return PCM_BITS[subtype] // 8 if subtype in PCM_BITS else 4
+
+
 @dataclass(frozen=True)
 class ClipReport:
     """What quantizing did to out-of-range samples: how many were clipped, the peak |x| seen."""
@@ -568,8 +573,7 @@ class AudioWriter:
             raise AudioEncodeError(f"{self.name}: subtype {subtype!r} is not one of {choices} for {fmt.upper()}")
         sf_format = fmt.upper()
         if fmt == "wav" and expected_frames is not None:
-            bytes_per_sample = 2 if subtype == "PCM_16" else 3 if subtype == "PCM_24" else 4
-            if expected_frames * channels * bytes_per_sample > 0xFFFFFFFF - (1 << 16):
+            if expected_frames * channels * bytes_per_sample(subtype) > 0xFFFFFFFF - (1 << 16):
                 sf_format = "RF64"
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):

@@ -78,6 +78,121 @@ def padded_chunk(signal: np.ndarray, plan: ChunkPlan, start: int) -> np.ndarray:
     return signal[..., reflect_indices(np.arange(first, first + plan.chunk), plan.length)]
 
 
+class StreamingSeparation:
+    """Overlap-add separation of a signal that arrives in blocks, in bounded memory.
+
+    `push(block)` takes the next (groups, channels, n) samples and returns the output samples
+    that are final (every chunk covering them has been through the network); `finish()` ends
+    the signal and returns the rest. Chunks are cut, batched and summed in the same order
+    whatever the block sizes, so the output does not depend on how the input was split.
+    Memory holds a few chunks of input and output, whatever the signal's length.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        groups: int,
+        channels: int,
+        chunk: int,
+        overlap: int,
+        batch_size: int = 1,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+        on_progress: ProgressCallback | None = None,
+        expected_length: int | None = None,
+    ):
+        self.model, self.groups, self.channels = model, groups, channels
+        self.chunk, self.overlap = chunk, overlap
+        plan = plan_chunks(1, chunk, overlap)  # step, border and window do not depend on the length
+        self.step, self.border, self.window = plan.step, plan.border, chunk_window(plan)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.amp = (lambda: torch.autocast(self.device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
+        self.on_progress = on_progress
+        self.expected_jobs = plan_chunks(expected_length, chunk, overlap).count * groups if expected_length else 0
+
+        empty = np.zeros((groups, channels, 0), np.float32)
+        self.head = empty  # the first border + 1 samples: the start is mirrored from them
+        self.input, self.input_base, self.received = empty, 0, 0  # input[..., i] is sample input_base + i
+        self.next_start = 0  # padded position of the next chunk to cut
+        self.queue: list[tuple[int, int, np.ndarray]] = []  # (group, start, samples) awaiting a batch
+        self.output = torch.zeros(groups, channels, 0)  # weighted sums; output[..., i] is padded position output_base + i
+        self.weight = torch.zeros(0)
+        self.output_base = 0
+        self.done = 0
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        block = np.asarray(block, np.float32)
+        if self.head.shape[-1] <= self.border:
+            self.head = np.concatenate([self.head, block[..., : self.border + 1 - self.head.shape[-1]]], axis=-1)
+        self.input = np.concatenate([self.input, block], axis=-1)
+        self.received += block.shape[-1]
+        # Before the end is known, cut the chunks whose samples (and mirrored head) have all arrived.
+        while self.received > self.border and self.next_start - self.border + self.chunk <= self.received:
+            self._cut(np.abs(np.arange(self.next_start - self.border, self.next_start - self.border + self.chunk)))
+        return self._emit(upto=min([start for _, start, _ in self.queue] + [self.next_start]))
+
+    def finish(self) -> np.ndarray:
+        if self.received == 0:
+            return self.input
+        count = plan_chunks(self.received, self.chunk, self.overlap).count
+        while self.next_start < count * self.step:
+            first = self.next_start - self.border
+            self._cut(reflect_indices(np.arange(first, first + self.chunk), self.received))
+        self._run_batch()
+        return self._emit(upto=self.border + self.received)
+
+    def _cut(self, positions: np.ndarray) -> None:
+        """Queue the chunk made of signal samples at `positions` for every group."""
+        in_head = positions < self.head.shape[-1]
+        samples = np.empty((self.groups, self.channels, self.chunk), np.float32)
+        samples[..., in_head] = self.head[..., positions[in_head]]
+        samples[..., ~in_head] = self.input[..., positions[~in_head] - self.input_base]
+        for g in range(self.groups):
+            self.queue.append((g, self.next_start, samples[g]))
+            if len(self.queue) == self.batch_size:
+                self._run_batch()
+        self.next_start += self.step
+        # Keep one chunk of history before the next chunk: mirroring at the end reaches back that far.
+        drop = self.next_start - self.border - self.chunk - self.input_base
+        if drop > 0:
+            self.input, self.input_base = self.input[..., drop:], self.input_base + drop
+
+    def _run_batch(self) -> None:
+        if not self.queue:
+            return
+        chunks = torch.from_numpy(np.stack([samples for _, _, samples in self.queue]))  # (batch, channels, chunk)
+        with torch.inference_mode(), self.amp():
+            estimate = self.model(chunks.to(self.device)).float().cpu()  # (batch, channels, chunk)
+        grow = self.queue[-1][1] + self.chunk - self.output_base - self.output.shape[-1]
+        if grow > 0:
+            self.output = torch.cat([self.output, torch.zeros(self.groups, self.channels, grow)], dim=-1)
+            self.weight = torch.cat([self.weight, torch.zeros(grow)])
+        for (g, start, _), est in zip(self.queue, estimate):
+            at = start - self.output_base
+            self.output[g, :, at : at + self.chunk] += est * self.window
+            if g == 0:  # one weight window per chunk position, whatever the number of groups
+                self.weight[at : at + self.chunk] += self.window
+        self.done += len(self.queue)
+        self.queue = []
+        if self.on_progress:
+            self.on_progress(self.done, max(self.done, self.expected_jobs))
+
+    def _emit(self, upto: int) -> np.ndarray:
+        """Hand out the samples before padded position `upto` (no later chunk touches them),
+        normalized by their summed weights, minus the border padding."""
+        upto = min(upto, self.border + self.received)
+        ready = upto - self.output_base
+        if ready <= 0:
+            return np.zeros((self.groups, self.channels, 0), np.float32)
+        finished = (self.output[..., :ready] / self.weight[:ready]).numpy()
+        self.output, self.weight = self.output[..., ready:], self.weight[ready:]
+        skip = max(0, self.border - self.output_base)  # samples of the leading padding
+        self.output_base = upto
+        return finished[..., skip:]
+
+
 def separate_chunks(
     model: torch.nn.Module,
     signal: np.ndarray,
@@ -89,34 +204,14 @@ def separate_chunks(
     autocast_dtype: torch.dtype | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> np.ndarray:
-    """Run `model` over `signal` (groups, channels, samples) float32; return the same shape.
+    """Run `model` over a whole `signal` (groups, channels, samples) float32; same shape out.
 
-    Each group (e.g. a stereo pair) is chunked independently; chunks of all groups share
-    the batches. The result for a sample does not depend on `batch_size` beyond float
-    round-off.
+    The one-block case of :class:`StreamingSeparation`. The result for a sample does not
+    depend on `batch_size` beyond float round-off.
     """
     groups, channels, length = signal.shape
-    plan = plan_chunks(length, chunk, overlap)
-    window = chunk_window(plan)
-    device = torch.device(device)
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-
-    output = torch.zeros(groups, channels, plan.padded_length)
-    weight = torch.zeros(plan.padded_length)
-    for start in plan.starts():
-        weight[start : start + plan.chunk] += window
-    jobs = [(g, start) for start in plan.starts() for g in range(groups)]
-    done = 0
-    with torch.inference_mode():
-        for i in range(0, len(jobs), batch_size):
-            batch = jobs[i : i + batch_size]
-            chunks = np.stack([padded_chunk(signal[g], plan, start) for g, start in batch])  # (batch, channels, chunk)
-            with amp:
-                estimate = model(torch.from_numpy(chunks).to(device)).float().cpu()  # (batch, channels, chunk)
-            for (g, start), est in zip(batch, estimate):
-                output[g, :, start : start + plan.chunk] += est * window
-            done += len(batch)
-            if on_progress:
-                on_progress(done, len(jobs))
-    inner = slice(plan.border, plan.border + length)
-    return (output[..., inner] / weight[inner]).numpy()
+    stream = StreamingSeparation(
+        model, groups=groups, channels=channels, chunk=chunk, overlap=overlap, batch_size=batch_size,
+        device=device, autocast_dtype=autocast_dtype, on_progress=on_progress, expected_length=length,
+    )
+    return np.concatenate([stream.push(signal), stream.finish()], axis=-1)

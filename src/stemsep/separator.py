@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,14 @@ import torch
 from stemsep import audio
 from stemsep.checkpoint import Config, load_config, load_model
 from stemsep.errors import AudioDecodeError, AudioEncodeError, StemsepError
-from stemsep.inference import ProgressCallback, separate_chunks
+from stemsep.inference import ProgressCallback, StreamingSeparation
 from stemsep.weights import default_dir
 
 STEMS = ("vocals", "instrumental")
 CHECKPOINT_NAME = "model_bs_roformer_ep_317_sdr_12.9755.ckpt"
 CONFIG_NAME = "model_bs_roformer_ep_317_sdr_12.9755.yaml"
 MAX_OVERLAP = 16
+DEFAULT_MAX_DURATION_S = 3 * 3600  # refuse longer inputs unless told otherwise
 RESAMPLE_PAD_S = 0.05  # reflected context added around a file before resampling (soxr HQ rings ~ms)
 
 
@@ -47,12 +49,12 @@ def to_stereo_pairs(mix: np.ndarray) -> np.ndarray:
     """(channels, n) -> (pairs, 2, n): channels 1+2, 3+4, ...; a lone channel becomes dual-mono."""
     if mix.shape[0] % 2:
         mix = np.concatenate([mix, mix[-1:]])
-    return mix.reshape(-1, 2, mix.shape[-1])
+    return mix.reshape(mix.shape[0] // 2, 2, mix.shape[-1])
 
 
 def from_stereo_pairs(pairs: np.ndarray, channels: int) -> np.ndarray:
     """Inverse of :func:`to_stereo_pairs`; a dual-mono pair gives back the mean of its two outputs."""
-    flat = pairs.reshape(-1, pairs.shape[-1])
+    flat = pairs.reshape(pairs.shape[0] * 2, pairs.shape[-1])
     if channels % 2:
         flat = np.concatenate([flat[: channels - 1], flat[channels - 1 :].mean(axis=0, keepdims=True)])
     return flat
@@ -115,35 +117,96 @@ class Separator:
         mix = np.asarray(mix, dtype=np.float32)
         if mix.ndim != 2 or mix.shape[0] < 1:
             raise StemsepError(f"audio must be shaped (channels, samples), got shape {mix.shape}")
-        vocals = self._vocals(mix, sample_rate, self._overlap(overlap), on_progress)
+        if not np.isfinite(mix).all():
+            raise AudioDecodeError("audio contains NaN or infinite samples")
+        pairs = list(self._stream([mix], sample_rate, mix.shape[0], self._overlap(overlap), on_progress, mix.shape[1]))
+        vocals = np.concatenate([v for _, v in pairs], axis=-1)
         return {"vocals": vocals, "instrumental": mix - vocals}
 
-    def _vocals(self, mix: np.ndarray, sample_rate: int, overlap: int, on_progress) -> np.ndarray:
-        channels, length = mix.shape
-        if round(length * self.sample_rate / sample_rate) < self.min_samples:
+    def _check_length(self, length: int, sample_rate: int) -> None:
+        if audio.resampled_length(length, sample_rate, self.sample_rate) < self.min_samples:
             raise AudioDecodeError(
                 f"audio is too short to separate ({length} samples at {sample_rate} Hz; "
                 f"need at least {self.min_samples / self.sample_rate * 1000:.0f} ms)"
             )
-        if not np.isfinite(mix).all():
-            raise AudioDecodeError("audio contains NaN or infinite samples")
-        # Resampling treats the world outside the file as silence, so a file that starts or ends
-        # mid-waveform would ring for a few ms at its borders; extending it by reflection first
-        # (and trimming afterwards) keeps the borders clean.
-        pad = 0 if sample_rate == self.sample_rate else min(round(RESAMPLE_PAD_S * sample_rate), length - 1)
-        padded = np.pad(mix, [(0, 0), (pad, pad)], mode="reflect") if pad else mix
-        at_model_rate = audio.resample(padded, sample_rate, self.sample_rate)  # (channels, n')
-        pairs = separate_chunks(
-            self.model,
-            to_stereo_pairs(at_model_rate),  # (pairs, 2, n')
-            chunk=self.config.audio.chunk_size,
-            overlap=overlap,
-            batch_size=self.batch_size,
-            device=self.device,
-            on_progress=on_progress,
+
+    def _stream(
+        self,
+        blocks: Iterable[np.ndarray],
+        sample_rate: int,
+        channels: int,
+        overlap: int,
+        on_progress: ProgressCallback | None,
+        expected_length: int | None,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Separate a signal arriving as (channels, n) blocks at `sample_rate`; yield aligned
+        (mix, vocals) blocks at that rate which together cover the input exactly.
+
+        Resampling treats the world outside the file as silence, so a file that starts or ends
+        mid-waveform would ring for a few ms at its borders: the signal is extended by
+        reflection (RESAMPLE_PAD_S each side) before resampling and trimmed afterwards. Memory
+        stays a few chunks whatever the length; one block gives the same samples as many.
+        """
+        pad_wanted = 0 if sample_rate == self.sample_rate else round(RESAMPLE_PAD_S * sample_rate)
+        to_model = audio.StreamResampler(sample_rate, self.sample_rate, channels)
+        to_input = audio.StreamResampler(self.sample_rate, sample_rate, channels)
+        expected = expected_length and audio.resampled_length(expected_length + 2 * pad_wanted, sample_rate, self.sample_rate)
+        chunks = StreamingSeparation(
+            self.model, groups=(channels + 1) // 2, channels=2, chunk=self.config.audio.chunk_size, overlap=overlap,
+            batch_size=self.batch_size, device=self.device, on_progress=on_progress, expected_length=expected,
         )
-        vocals = audio.resample(from_stereo_pairs(pairs, channels), self.sample_rate, sample_rate)
-        return fit_length(vocals, length + 2 * pad)[:, pad : pad + length]
+        mix_waiting: list[np.ndarray] = []  # input blocks whose vocals have not come out yet
+        pending: list[np.ndarray] = []  # input held until the leading reflection can be made
+        tail = np.zeros((channels, 0), np.float32)  # the last pad + 1 input samples
+        pad: int | None = None
+        received = delivered = skipped = 0
+
+        def network(x: np.ndarray, last: bool = False) -> np.ndarray:
+            """Input-rate samples -> vocals at the input rate (not yet trimmed); `last` flushes."""
+            x = to_model.process(x)
+            if last:
+                x = np.concatenate([x, to_model.flush()], axis=-1)
+            pairs = chunks.push(to_stereo_pairs(x))  # (pairs, 2, n)
+            if last:
+                pairs = np.concatenate([pairs, chunks.finish()], axis=-1)
+            y = to_input.process(from_stereo_pairs(pairs, channels))
+            return np.concatenate([y, to_input.flush()], axis=-1) if last else y
+
+        def deliver(vocals: np.ndarray, upto: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            """Drop the leading padding, pair with the mix, never beyond input sample `upto`."""
+            nonlocal delivered, skipped
+            cut = min(vocals.shape[-1], pad - skipped)
+            skipped += cut
+            vocals = vocals[:, cut : cut + upto - delivered]
+            if vocals.shape[-1]:
+                mix = _take(mix_waiting, vocals.shape[-1])
+                delivered += vocals.shape[-1]
+                yield mix, vocals
+
+        for block in blocks:
+            block = np.asarray(block, np.float32)
+            received += block.shape[-1]
+            mix_waiting.append(block)
+            if pad is None:
+                pending.append(block)
+                if received <= pad_wanted:
+                    continue
+                pad, block = pad_wanted, np.concatenate(pending, axis=-1)
+                pending = []
+                block = np.concatenate([block[:, pad:0:-1], block], axis=-1)  # mirror of samples 1..pad
+            tail = np.concatenate([tail, block], axis=-1)[:, -(pad + 1) :]
+            yield from deliver(network(block), received)
+
+        self._check_length(received, sample_rate)
+        if pad is None:  # shorter than the padding: reflect the whole (short) signal at once
+            pad = min(pad_wanted, received - 1)
+            whole = np.concatenate(pending, axis=-1)
+            tail = whole
+            yield from deliver(network(np.pad(whole, [(0, 0), (pad, 0)], mode="reflect")), received)
+        end = tail[:, -2 : -pad - 2 : -1] if pad else tail[:, :0]  # mirror of the last samples
+        yield from deliver(network(end, last=True), received)
+        if delivered < received:  # resampling rounded a sample off the end
+            yield _take(mix_waiting, received - delivered), np.zeros((channels, received - delivered), np.float32)
 
     def separate(
         self,
@@ -154,55 +217,107 @@ class Separator:
         overlap: int | None = None,
         on_progress: ProgressCallback | None = None,
         name: str | None = None,
+        max_duration_s: float | None = None,
     ) -> dict[str, Path]:
         """Separate a file; write `<name>_vocals.<ext>` and `<name>_instrumental.<ext>` into
         `output_dir` (name defaults to the input's name without extension). Returns the paths.
-        Both files appear together or not at all."""
+
+        The file is decoded, separated and written block by block, so memory does not grow
+        with its length. Both outputs appear together or not at all. Inputs longer than
+        `max_duration_s` (default $STEMSEP_MAX_DURATION_S, else 3 hours) are refused first.
+        """
         input_path, output_dir = Path(input_path), Path(output_dir)
         overlap = self._overlap(overlap)
         if not output_dir.is_dir():
             raise AudioEncodeError(f"output folder {output_dir} does not exist")
         if not os.access(output_dir, os.W_OK):
             raise AudioEncodeError(f"output folder {output_dir} is not writable")
-        mix, info = audio.decode(input_path)
-        subtype = audio.output_subtype(info, output_format, bit_depth)
-        if not np.any(mix):
-            raise AudioDecodeError(f"{input_path.name}: the audio is silent (every sample is zero), nothing to separate")
-        try:
-            vocals = self._vocals(mix, info.sample_rate, overlap, on_progress)
-        except AudioDecodeError as exc:
-            raise AudioDecodeError(f"{input_path.name}: {exc}") from None
-
-        stems, clipping = stem_samples(mix, vocals, subtype)
-        name = name or input_path.stem
+        limit = max_duration_s or float(os.environ.get("STEMSEP_MAX_DURATION_S", DEFAULT_MAX_DURATION_S))
+        reader = audio.AudioReader(input_path, max_duration_s=limit)
+        subtype = audio.output_subtype(reader, output_format, bit_depth)
+        frames = reader.estimated_frames
+        if frames and frames / reader.sample_rate > limit:
+            raise AudioDecodeError(
+                f"{input_path.name}: {_clock(frames / reader.sample_rate)} long, over the {_clock(limit)} limit "
+                "(STEMSEP_MAX_DURATION_S)"
+            )
         ext = output_format.lower()
+        name = name or input_path.stem
         paths = {stem: output_dir / f"{name}_{stem}.{ext}" for stem in STEMS}
-        written: list[Path] = []
+        _check_free_space(output_dir, 2 * (frames or 0) * reader.channels * audio.bytes_per_sample(subtype))
+
+        clipping = {stem: audio.ClipReport() for stem in STEMS}
+        writers: dict[str, audio.AudioWriter] = {}
+        heard = False
         try:
             for stem in STEMS:
-                audio.write(paths[stem], stems[stem], info.sample_rate, subtype, ext)
-                written.append(paths[stem])
-                report = clipping.get(stem)
-                if report and report.samples:
-                    warnings.warn(
-                        ClippingWarning(
-                            f"{paths[stem].name}: {report.samples} samples clipped (peak {report.peak:.3f} "
-                            f"= {20 * np.log10(report.peak):+.2f} dBFS); choose --bit-depth 32 to keep them"
-                        ),
-                        stacklevel=2,
-                    )
+                writers[stem] = audio.AudioWriter(
+                    paths[stem], reader.sample_rate, reader.channels, subtype, ext, expected_frames=frames
+                )
+            try:
+                for mix, vocals in self._stream(reader.blocks(), reader.sample_rate, reader.channels, overlap, on_progress, frames):
+                    heard = heard or bool(np.any(mix))
+                    stems, clipped = stem_samples(mix, vocals, subtype)
+                    for stem in STEMS:
+                        writers[stem].write(stems[stem])
+                        clipping[stem] += clipped.get(stem, audio.ClipReport())
+            except AudioDecodeError as exc:
+                if str(exc).startswith(f"{input_path.name}: "):
+                    raise
+                raise AudioDecodeError(f"{input_path.name}: {exc}") from None
+            if not heard:
+                raise AudioDecodeError(f"{input_path.name}: the audio is silent (every sample is zero), nothing to separate")
+            writers["vocals"].close()
+            try:
+                writers["instrumental"].close()
+            except BaseException:
+                paths["vocals"].unlink(missing_ok=True)
+                raise
         except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
+            for writer in writers.values():
+                writer.abort()
             raise
+        for stem in STEMS:
+            report = clipping[stem]
+            if report.samples:
+                warnings.warn(
+                    ClippingWarning(
+                        f"{paths[stem].name}: {report.samples} samples clipped (peak {report.peak:.3f} "
+                        f"= {20 * np.log10(report.peak):+.2f} dBFS); choose --bit-depth 32 to keep them"
+                    ),
+                    stacklevel=2,
+                )
         return paths
 
 
-def fit_length(x: np.ndarray, length: int) -> np.ndarray:
-    """Trim or zero-pad the last axis to exactly `length` (resampling may be off by a sample)."""
-    if x.shape[-1] >= length:
-        return x[..., :length]
-    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])])
+def _take(blocks: list[np.ndarray], n: int) -> np.ndarray:
+    """Remove and return the first `n` samples of a queue of (channels, m) blocks."""
+    out, have = [], 0
+    while have < n:
+        block = blocks[0]
+        need = n - have
+        if block.shape[-1] <= need:
+            out.append(blocks.pop(0))
+            have += block.shape[-1]
+        else:
+            out.append(block[:, :need])
+            blocks[0] = block[:, need:]
+            have = n
+    return np.concatenate(out, axis=-1)
+
+
+def _clock(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed * 1.05 > free:
+        raise AudioEncodeError(
+            f"not enough free disk space in {folder} for the stems: about {needed / 2**20:.0f} MB needed, "
+            f"{free / 2**20:.0f} MB free"
+        )
 
 
 def stem_samples(mix: np.ndarray, vocals: np.ndarray, subtype: str) -> tuple[dict[str, np.ndarray], dict[str, audio.ClipReport]]:
