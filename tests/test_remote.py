@@ -283,6 +283,40 @@ def test_stem_urls_maps_the_output_list_in_order_and_rejects_other_shapes():
             remote.stem_urls(bad)
 
 
+def test_stem_urls_identifies_stems_by_file_name_before_position():
+    """On Replicate the list follows upload completion, so it can arrive swapped: the
+    `_vocals.` / `_instrumental.` file names decide, the position only when they cannot."""
+    vocals = "https://replicate.delivery/xz/abc/my_song_vocals.flac"
+    instrumental = "https://replicate.delivery/xz/def/my_song_instrumental.flac"
+    expected = {"vocals": vocals, "instrumental": instrumental}
+    assert remote.stem_urls([instrumental, vocals]) == expected  # swapped
+    assert remote.stem_urls((vocals, instrumental)) == expected
+    assert list(remote.stem_urls([instrumental, vocals])) == ["vocals", "instrumental"]
+    # a name that itself contains a stem word: only the suffix counts
+    tricky = ["https://a/x/vocals_and_more_instrumental.wav", "https://a/y/instrumental_mix_vocals.wav?sig=1"]
+    assert remote.stem_urls(tricky) == {"vocals": tricky[1], "instrumental": tricky[0]}
+    assert remote.stem_urls(["https://a/x/my%20song_instrumental.wav", "https://a/y/my%20song_vocals.wav"])["vocals"].endswith("_vocals.wav")
+    # names that do not tell both apart: position
+    for pair in (
+        ["data:audio/wav;base64,AAAA", "data:audio/wav;base64,BBBB"],
+        ["https://a/v.wav", "https://a/i.wav"],
+        ["https://a/b_vocals.wav", "https://a/c_vocals.wav"],
+        ["https://a/out.wav", "https://a/b_vocals.wav"],
+        ["https://a/b_vocals.wav/x.wav", "https://a/c_instrumental.wav/y.wav"],  # only the file name counts
+    ):
+        assert remote.stem_urls(pair) == {"vocals": pair[0], "instrumental": pair[1]}
+    # an explicit mapping is taken as it is
+    assert remote.stem_urls({"vocals": instrumental, "instrumental": vocals}) == {"vocals": instrumental, "instrumental": vocals}
+
+
+def test_url_stem():
+    assert remote.url_stem("https://replicate.delivery/x/song_vocals.WAV?sig=1") == "vocals"
+    assert remote.url_stem("https://replicate.delivery/x/song_instrumental.flac") == "instrumental"
+    assert remote.url_stem("https://replicate.delivery/x/vocals.wav") is None  # no `<name>_` before it
+    assert remote.url_stem("https://replicate.delivery/x/song_vocals") is None
+    assert remote.url_stem("data:audio/wav;base64,AAAA") is None
+
+
 def test_url_extension():
     assert remote.url_extension("https://replicate.delivery/x/vocals.WAV?sig=1") == "wav"
     assert remote.url_extension("data:audio/x-wav;base64,AAAA") == "wav"

@@ -190,7 +190,13 @@ def submit(
 
 
 def stem_urls(output: Any) -> dict[str, str]:
-    """The model's output, ``[vocals_url, instrumental_url]``, as ``{stem: url}``."""
+    """The model's output, ``[vocals_url, instrumental_url]``, as ``{stem: url}``.
+
+    Each stem is identified by its file name first (``<name>_vocals.<ext>``,
+    ``<name>_instrumental.<ext>``), and by its position only when the names do not tell
+    both apart (data URLs carry no name): on Replicate the server uploads the two files
+    concurrently and lists each URL when its upload finishes, so the list can come back as
+    ``[instrumental_url, vocals_url]`` (DESIGN.md, "Order of the two URLs")."""
     if isinstance(output, Mapping):
         urls = {str(k): v for k, v in output.items()}
     elif isinstance(output, (list, tuple)) and len(output) == len(STEMS):
@@ -199,7 +205,23 @@ def stem_urls(output: Any) -> dict[str, str]:
         raise RemoteError(f"the prediction's output is not [vocals_url, instrumental_url] but {_short(output)}")
     if not all(isinstance(u, str) and is_url(u) for u in urls.values()):
         raise RemoteError(f"the prediction's output holds something other than URLs: {_short(output)}")
+    if not isinstance(output, Mapping):
+        named = {url_stem(url): url for url in output}
+        if set(named) == set(STEMS):  # one of each, by name
+            urls = {stem: named[stem] for stem in STEMS}
     return urls
+
+
+_STEM_NAME = re.compile(r"_(?P<stem>vocals|instrumental)\.[A-Za-z0-9]{1,8}$")
+
+
+def url_stem(url: str) -> str | None:
+    """``"vocals"`` for ``https://.../song_vocals.wav?sig=1``, ``"instrumental"`` for
+    ``..._instrumental.flac``; None when the URL's file name ends in neither (a data URL)."""
+    if url.startswith("data:"):
+        return None
+    match = _STEM_NAME.search(unquote(urlparse(url).path).rsplit("/", 1)[-1])
+    return match.group("stem") if match else None
 
 
 def _short(value: Any) -> str:
