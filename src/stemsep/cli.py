@@ -28,12 +28,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default: auto)")
     p.add_argument("--batch-size", type=int, help="chunks per forward pass (default: chosen for the device)")
     p.add_argument("--overlap", type=int, help="windows covering each sample, 1-16 (default: the model config's)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="transformer precision: auto = bf16 on GPU (fp16 where bf16 is missing), fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="run the network through torch.compile (slow start, faster chunks)")
 
 
 def _load_separator(args: argparse.Namespace):
     from stemsep.separator import Separator
 
-    return Separator(args.checkpoint, args.config, device=args.device, batch_size=args.batch_size)
+    return Separator(args.checkpoint, args.config, device=args.device, batch_size=args.batch_size,
+                     precision=args.precision, compile=args.compile)
 
 
 def _add_separate(sub: argparse._SubParsersAction) -> None:
@@ -233,7 +237,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         settings.update(
             checkpoint=args.checkpoint.name if args.checkpoint else CHECKPOINT_NAME,
             config=args.config.name if args.config else CONFIG_NAME,
-            overlap=overlap, device=str(separator.device), batch_size=separator.batch_size,
+            overlap=overlap, precision=separator.precision, device=str(separator.device), batch_size=separator.batch_size,
         )
         estimator = evaluate.separator_estimates(separator, overlap)
 

@@ -12,12 +12,15 @@ proper weighted mean whatever the length. This module knows nothing about files 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from stemsep.errors import StemsepError
 
 ProgressCallback = Callable[[int, int], None]  # (chunks done, chunks total)
 
@@ -78,6 +81,57 @@ def padded_chunk(signal: np.ndarray, plan: ChunkPlan, start: int) -> np.ndarray:
     return signal[..., reflect_indices(np.arange(first, first + plan.chunk), plan.length)]
 
 
+class BatchRunner:
+    """Puts one batch of chunks through the network: device transfer, precision, and the
+    fallbacks a long job needs.
+
+    The STFT/iSTFT and mask multiply stay float32 inside the model; autocast (`autocast_dtype`)
+    lowers the transformers to bf16/fp16. On CUDA, host memory is pinned so the copy is
+    asynchronous. `fixed_batch` pads short batches with silent chunks, so a compiled model
+    sees one shape and never recompiles. If CUDA runs out of memory, the batch is split in
+    halves (and later batches stay at the smaller size) down to a single chunk before giving up.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+        fixed_batch: int | None = None,
+    ):
+        self.model, self.device = model, torch.device(device)
+        self.autocast_dtype, self.fixed_batch = autocast_dtype, fixed_batch
+        self.max_batch: int | None = None  # lowered after an out-of-memory error
+
+    def __call__(self, chunks: np.ndarray) -> torch.Tensor:  # (batch, channels, chunk) -> same, float32, CPU
+        limit = self.max_batch or len(chunks)
+        if len(chunks) > limit:
+            return torch.cat([self(chunks[i : i + limit]) for i in range(0, len(chunks), limit)])
+        try:
+            return self._forward(chunks)
+        except torch.OutOfMemoryError:
+            if len(chunks) == 1:
+                raise StemsepError(
+                    "the GPU ran out of memory on a single chunk; free GPU memory or use --device cpu"
+                ) from None
+            torch.cuda.empty_cache()
+            self.max_batch = len(chunks) // 2
+            warnings.warn(f"GPU out of memory: continuing with {self.max_batch} chunks per batch", stacklevel=2)
+            return self(chunks)
+
+    def _forward(self, chunks: np.ndarray) -> torch.Tensor:
+        count = len(chunks)
+        batch = torch.from_numpy(np.ascontiguousarray(chunks))
+        if self.fixed_batch and count < self.fixed_batch:
+            batch = torch.cat([batch, batch.new_zeros(self.fixed_batch - count, *batch.shape[1:])])
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        with torch.inference_mode(), amp:
+            estimate = self.model(batch.to(self.device, non_blocking=True))
+        return estimate[:count].float().cpu()
+
+
 class StreamingSeparation:
     """Overlap-add separation of a signal that arrives in blocks, in bounded memory.
 
@@ -90,7 +144,7 @@ class StreamingSeparation:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | BatchRunner,
         *,
         groups: int,
         channels: int,
@@ -102,13 +156,12 @@ class StreamingSeparation:
         on_progress: ProgressCallback | None = None,
         expected_length: int | None = None,
     ):
-        self.model, self.groups, self.channels = model, groups, channels
+        self.run = model if isinstance(model, BatchRunner) else BatchRunner(model, device, autocast_dtype)
+        self.groups, self.channels = groups, channels
         self.chunk, self.overlap = chunk, overlap
         plan = plan_chunks(1, chunk, overlap)  # step, border and window do not depend on the length
         self.step, self.border, self.window = plan.step, plan.border, chunk_window(plan)
         self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.amp = (lambda: torch.autocast(self.device.type, dtype=autocast_dtype)) if autocast_dtype else nullcontext
         self.on_progress = on_progress
         self.expected_jobs = plan_chunks(expected_length, chunk, overlap).count * groups if expected_length else 0
 
@@ -162,9 +215,7 @@ class StreamingSeparation:
     def _run_batch(self) -> None:
         if not self.queue:
             return
-        chunks = torch.from_numpy(np.stack([samples for _, _, samples in self.queue]))  # (batch, channels, chunk)
-        with torch.inference_mode(), self.amp():
-            estimate = self.model(chunks.to(self.device)).float().cpu()  # (batch, channels, chunk)
+        estimate = self.run(np.stack([samples for _, _, samples in self.queue]))  # (batch, channels, chunk)
         grow = self.queue[-1][1] + self.chunk - self.output_base - self.output.shape[-1]
         if grow > 0:
             self.output = torch.cat([self.output, torch.zeros(self.groups, self.channels, grow)], dim=-1)
@@ -194,7 +245,7 @@ class StreamingSeparation:
 
 
 def separate_chunks(
-    model: torch.nn.Module,
+    model: torch.nn.Module | BatchRunner,
     signal: np.ndarray,
     *,
     chunk: int,

@@ -21,7 +21,7 @@ import torch
 from stemsep import audio
 from stemsep.checkpoint import Config, load_config, load_model
 from stemsep.errors import AudioDecodeError, AudioEncodeError, StemsepError
-from stemsep.inference import ProgressCallback, StreamingSeparation
+from stemsep.inference import BatchRunner, ProgressCallback, StreamingSeparation
 from stemsep.weights import default_dir
 
 STEMS = ("vocals", "instrumental")
@@ -60,13 +60,42 @@ def from_stereo_pairs(pairs: np.ndarray, channels: int) -> np.ndarray:
     return flat
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": bf16 on a GPU that has it (fp16 on older ones, e.g. a T4), fp32 on the CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision not in PRECISIONS:
+        raise StemsepError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+def default_batch_size(config: Config, device: torch.device, precision: str) -> int:
+    """Chunks per forward pass: the config's on the CPU (batching gains little there); on a GPU
+    as many as half the free memory holds, estimating a chunk's activations at 16 values of
+    `dim` per token (band x frame), capped at 16. Too many is caught by the OOM fallback."""
+    if device.type != "cuda":
+        return config.inference.batch_size
+    free, _ = torch.cuda.mem_get_info(device)
+    tokens = (config.audio.chunk_size // config.model.stft_hop_length + 1) * len(config.model.freqs_per_bands)
+    per_chunk = 16 * tokens * config.model.dim * (4 if precision == "fp32" else 2)
+    return max(1, min(16, int(0.5 * free // per_chunk)))
+
+
 class Separator:
     """Load the model once; separate arrays or files.
 
     `checkpoint`/`config` default to the 1297 files in the weights folder
-    (`$STEMSEP_WEIGHTS_DIR`, else `weights/`). `batch_size`
-    chunks go through the network per forward pass (default: the config's
-    `inference.batch_size` on CPU, 4 on GPU).
+    (`$STEMSEP_WEIGHTS_DIR`, else `weights/`). `batch_size` chunks go through the network per
+    forward pass (default: the config's on CPU, chosen from free memory on a GPU).
+    `precision` is "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16" or "fp16": autocast for
+    the transformers; STFT, iSTFT and the mask multiply stay fp32. `compile=True` runs the
+    network through `torch.compile` (compiled and warmed up here, falling back to eager with a
+    warning if compilation fails).
     """
 
     def __init__(
@@ -75,6 +104,8 @@ class Separator:
         config: str | Path | None = None,
         device: str | torch.device = "auto",
         batch_size: int | None = None,
+        precision: str = "auto",
+        compile: bool = False,
     ):
         if checkpoint is None or config is None:
             folder = default_dir()
@@ -84,12 +115,28 @@ class Separator:
                 raise StemsepError(f"weights not downloaded: {checkpoint} is missing; run `stemsep weights download`")
         self.model_files = (Path(checkpoint), Path(config))
         self.config: Config = load_config(config)
+        if not self.config.model.stereo:
+            raise StemsepError(f"{self.config.path.name}: a mono model (stereo: false); stemsep separates with stereo models")
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.model = load_model(checkpoint, self.config, self.device)
-        default_batch = 4 if self.device.type == "cuda" else self.config.inference.batch_size
-        self.batch_size = batch_size or default_batch
+        self.batch_size = batch_size or default_batch_size(self.config, self.device, self.precision)
         if self.batch_size < 1:
             raise StemsepError(f"batch size must be at least 1, got {self.batch_size}")
+        self.runner = BatchRunner(self.model, self.device, PRECISIONS[self.precision])
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """torch.compile for one fixed batch shape, warmed up now so the first song pays nothing."""
+        compiled = BatchRunner(torch.compile(self.model, dynamic=False), self.device, PRECISIONS[self.precision],
+                               fixed_batch=self.batch_size)
+        try:
+            compiled(np.zeros((self.batch_size, 2, self.config.audio.chunk_size), np.float32))
+        except Exception as exc:  # any compiler failure: eager is always correct
+            warnings.warn(f"torch.compile failed, running eagerly: {str(exc).splitlines()[0][:200]}", stacklevel=3)
+            return
+        self.runner = compiled
 
     @property
     def sample_rate(self) -> int:
@@ -152,8 +199,8 @@ class Separator:
         to_input = audio.StreamResampler(self.sample_rate, sample_rate, channels)
         expected = expected_length and audio.resampled_length(expected_length + 2 * pad_wanted, sample_rate, self.sample_rate)
         chunks = StreamingSeparation(
-            self.model, groups=(channels + 1) // 2, channels=2, chunk=self.config.audio.chunk_size, overlap=overlap,
-            batch_size=self.batch_size, device=self.device, on_progress=on_progress, expected_length=expected,
+            self.runner, groups=(channels + 1) // 2, channels=2, chunk=self.config.audio.chunk_size, overlap=overlap,
+            batch_size=self.batch_size, on_progress=on_progress, expected_length=expected,
         )
         mix_waiting: list[np.ndarray] = []  # input blocks whose vocals have not come out yet
         pending: list[np.ndarray] = []  # input held until the leading reflection can be made

@@ -1,0 +1,123 @@
+"""Engine options against the fp32 eager batch-1 output on the same random weights: precision,
+batch size, torch.compile, the CUDA out-of-memory fallback, and the FLOP count."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from stemsep.checkpoint import build_model, load_config
+from stemsep.errors import StemsepError
+from stemsep.flops import flops_per_chunk, flops_per_second
+from stemsep.inference import BatchRunner, separate_chunks
+from stemsep.separator import Separator
+from stemsep.synthetic import CONFIG_1297, config_dict, make_model_files, write_config
+from test_separator import FAST_CONFIG, tones
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return make_model_files(tmp_path_factory.mktemp("model"), FAST_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    mix = tones(44100, 6 * 4096, 2, level=0.5)
+    return mix, Separator(*files, device="cpu", batch_size=1, precision="fp32").separate_array(mix, 44100)["vocals"]
+
+
+def snr(reference: np.ndarray, estimate: np.ndarray) -> float:
+    return 10 * math.log10(np.sum(reference.astype(np.float64) ** 2) / np.sum((reference - estimate).astype(np.float64) ** 2))
+
+
+@pytest.mark.parametrize("precision, min_snr", [("bf16", 40), ("fp16", 55)]  # measured 46.2 and 65.0 dB)
+def test_reduced_precision_stays_within_its_stated_tolerance(files, reference, precision, min_snr):
+    mix, fp32 = reference
+    out = Separator(*files, device="cpu", precision=precision).separate_array(mix, 44100)["vocals"]
+    value = snr(fp32, out)
+    print(f"{precision} vs fp32: SNR {value:.1f} dB")
+    assert value > min_snr
+
+
+def test_auto_precision_is_fp32_on_cpu_and_bad_names_are_refused(files):
+    assert Separator(*files, device="cpu").precision == "fp32"
+    with pytest.raises(StemsepError, match="precision must be one of auto, fp32, bf16, fp16"):
+        Separator(*files, device="cpu", precision="int8")
+
+
+@pytest.mark.parametrize("batch_size", [2, 5, 16])
+def test_batch_size_changes_nothing_beyond_round_off(files, reference, batch_size):
+    mix, fp32 = reference
+    out = Separator(*files, device="cpu", batch_size=batch_size).separate_array(mix, 44100)["vocals"]
+    assert np.abs(out - fp32).max() < 1e-6
+
+
+def test_torch_compile_matches_eager(files, reference):
+    mix, fp32 = reference
+    separator = Separator(*files, device="cpu", batch_size=3, compile=True)
+    assert separator.runner.fixed_batch == 3  # compiled, not fallen back to eager
+    out = separator.separate_array(mix, 44100)["vocals"]
+    assert np.abs(out - fp32).max() < 1e-5
+
+
+def test_a_compile_failure_falls_back_to_eager_with_a_warning(files, reference, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def fail(*args):
+            raise RuntimeError("inductor exploded")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed, running eagerly: inductor exploded"):
+        separator = Separator(*files, device="cpu", compile=True)
+    mix, fp32 = reference
+    assert np.abs(separator.separate_array(mix, 44100)["vocals"] - fp32).max() < 1e-6
+
+
+class RunsOutOfMemoryAbove(torch.nn.Module):
+    """Raises CUDA's out-of-memory error for batches above `limit`, like a GPU that is too small."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.batches = limit, []
+
+    def forward(self, x):
+        self.batches.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return x * 0.5
+
+
+def test_out_of_memory_halves_the_batch_and_finishes():
+    model = RunsOutOfMemoryAbove(limit=2)
+    signal = np.random.default_rng(0).standard_normal((1, 2, 5000)).astype(np.float32)
+    with pytest.warns(UserWarning, match="GPU out of memory: continuing with 4 chunks per batch"):
+        out = separate_chunks(BatchRunner(model), signal, chunk=256, overlap=4, batch_size=8)
+    np.testing.assert_allclose(out, 0.5 * signal, atol=1e-6)
+    assert model.batches[:3] == [8, 4, 2] and max(model.batches[3:]) <= 2  # later batches stay small
+
+
+def test_out_of_memory_on_a_single_chunk_is_a_clear_error():
+    with pytest.raises(StemsepError, match="the GPU ran out of memory on a single chunk"):
+        separate_chunks(BatchRunner(RunsOutOfMemoryAbove(limit=0)), np.zeros((1, 2, 1000), np.float32),
+                        chunk=256, overlap=2, batch_size=4)
+
+
+def test_flop_count_agrees_with_torch_flop_counter(tmp_path):
+    config = load_config(write_config(tmp_path / "c.yaml", config_dict(
+        model={"dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "time_transformer_depth": 2}, audio={"chunk_size": 44100})))
+    model = build_model(config).eval()
+    # The math SDPA backend decomposes attention into matmuls the counter sees.
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 2, config.audio.chunk_size))
+    assert flops_per_chunk(config) == pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
+def test_flop_count_of_1297(tmp_path):
+    config = load_config(write_config(tmp_path / "c.yaml", CONFIG_1297))
+    assert flops_per_chunk(config) / 1e12 == pytest.approx(8.696, abs=0.001)  # per 8-s chunk
+    assert flops_per_second(config) / 1e12 == pytest.approx(1.087, abs=0.001)  # per second of audio per pass
