@@ -11,6 +11,7 @@ from stemsep.errors import (
 )
 
 __all__ = [
+    "Separator",
     "AudioDecodeError",
     "AudioEncodeError",
     "CheckpointError",
@@ -19,3 +20,13 @@ __all__ = [
     "StemsepError",
     "WeightsDownloadError",
 ]
+
+
+def __getattr__(name: str):
+    # The Separator pulls in torch; importing it lazily keeps `import stemsep` (and commands
+    # such as `stemsep weights verify`) light.
+    if name == "Separator":
+        from stemsep.separator import Separator
+
+        return Separator
+    raise AttributeError(f"module 'stemsep' has no attribute {name!r}")
