@@ -177,8 +177,10 @@ class BSRoformer(nn.Module):
     ):
         super().__init__()
         self.audio_channels = 2 if stereo else 1
-        self.n_fft, self.hop_length, self.win_length = stft_n_fft, stft_hop_length, stft_win_length
-        self.stft_normalized = stft_normalized
+        self.win_length = stft_win_length
+        self.stft_args = dict(
+            n_fft=stft_n_fft, hop_length=stft_hop_length, win_length=stft_win_length, center=True, normalized=stft_normalized
+        )
 
         # One rotary table for all time transformers, one for all frequency transformers.
         time_rotary, freq_rotary = RotaryEmbedding(dim_head), RotaryEmbedding(dim_head)
@@ -207,14 +209,7 @@ class BSRoformer(nn.Module):
 
         with torch.autocast(audio.device.type, enabled=False):
             spec = torch.stft(
-                audio.reshape(b * channels, samples).float(),
-                self.n_fft,
-                self.hop_length,
-                self.win_length,
-                window,
-                center=True,
-                normalized=self.stft_normalized,
-                return_complex=True,
+                audio.reshape(b * channels, samples).float(), window=window, return_complex=True, **self.stft_args
             )  # (b*channels, freqs, frames)
         # Merge channels into the frequency axis, bin-major, so each band sees all channels.
         x = rearrange(torch.view_as_real(spec), "(b s) f t c -> b t (f s c)", s=channels)
@@ -229,14 +224,5 @@ class BSRoformer(nn.Module):
         with torch.autocast(audio.device.type, enabled=False):
             mask = rearrange(mask.float(), "b t (f s c) -> (b s) f t c", s=channels, c=2)
             spec = spec * torch.view_as_complex(mask.contiguous())
-            stem = torch.istft(
-                spec,
-                self.n_fft,
-                self.hop_length,
-                self.win_length,
-                window,
-                center=True,
-                normalized=self.stft_normalized,
-                length=samples,
-            )  # (b*channels, samples)
+            stem = torch.istft(spec, window=window, length=samples, **self.stft_args)  # (b*channels, samples)
         return stem.reshape(b, channels, samples)
