@@ -35,7 +35,7 @@ def snr(reference: np.ndarray, estimate: np.ndarray) -> float:
     return 10 * math.log10(np.sum(reference.astype(np.float64) ** 2) / np.sum((reference - estimate).astype(np.float64) ** 2))
 
 
-@pytest.mark.parametrize("precision, min_snr", [("bf16", 40), ("fp16", 55)]  # measured 46.2 and 65.0 dB)
+@pytest.mark.parametrize("precision, min_snr", [("bf16", 40), ("fp16", 55)])  # measured 46.2 and 65.0 dB
 def test_reduced_precision_stays_within_its_stated_tolerance(files, reference, precision, min_snr):
     mix, fp32 = reference
     out = Separator(*files, device="cpu", precision=precision).separate_array(mix, 44100)["vocals"]

@@ -193,7 +193,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="subfolder of DATASET to score, when it has one (default: test)")
     p.add_argument("--limit", type=int, metavar="N", help="score only the first N tracks (sorted by name)")
     p.add_argument("--estimates", type=Path, metavar="DIR",
-                   help="score the stem files in DIR instead of running the model (layouts: README, "Measuring quality")")
+                   help="score the stem files in DIR instead of running the model (layouts: see the README's Measuring quality section)")
     p.add_argument("--json", type=Path, metavar="FILE",
                    help="write the results to FILE after each track; tracks already in it are not scored again")
     p.add_argument("--no-bsseval", action="store_true",
