@@ -89,7 +89,14 @@ class CogServer:
             time.sleep(0.1)
         raise TimeoutError(f"cog server health is {last} after {timeout:.0f} s, wanted {sorted(wanted)}:\n{self.logs()[-4000:]}")
 
-    def predict(self, payload: dict, headers: Mapping[str, str] | None = None, timeout: float = 120) -> Response:
+    def predict(
+        self, payload: dict, headers: Mapping[str, str] | None = None, timeout: float = 120, wait_ready: bool = True
+    ) -> Response:
+        # coglet 0.23.1 answers a prediction a moment before it frees its slot, so a request sent
+        # straight after can get 409 "At capacity": wait until it reports READY again (unless
+        # the caller wants to hit a busy server on purpose).
+        if wait_ready:
+            self.wait_for_health({"READY"}, timeout=30)
         return http("POST", f"{self.url}/predictions", payload, headers, timeout=timeout)
 
     def cancel(self, prediction_id: str) -> Response:

@@ -40,6 +40,9 @@ MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 384_000
 MAX_CHANNELS = 64
 MAX_DURATION_S = 24 * 3600  # guard against decoders that never stop producing audio
+# Float sources beyond this many times full scale (+120 dBFS) are damaged data, not sound (an
+# integer-scaled float file peaks at 32768): float32 rounding around such a sample swamps the music.
+MAX_FLOAT_LEVEL = 1e6
 _MAX_IDLE_PACKETS = 10_000  # consecutive packets that decode to nothing: treat as a hang
 _BLOCK_FRAMES = 1 << 16  # default block size of AudioReader.blocks (~1.5 s at 44.1 kHz)
 _TAIL_WINDOW_S = 2.0  # how far before the container's end a lossless tail count starts
@@ -84,6 +87,12 @@ def _ffmpeg_quiet() -> Iterator[None]:
         yield
     finally:
         av.logging.set_level(level)
+
+
+def display_name(name: str) -> str:
+    """A file name as messages show it: control characters (a newline...) escaped, so that a
+    message naming the file stays one line."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: m.group().encode("unicode_escape").decode(), name)
 
 
 def _check_regular_file(path: str, name: str) -> None:
@@ -139,13 +148,18 @@ def _source_bits(codec: str, sample_format: str, extradata: bytes | None) -> int
 
 def _to_float32(frame: av.AudioFrame, channels: int) -> np.ndarray:
     """One decoded frame as float32 (channels, n) on the module's scale."""
-    a = frame.to_ndarray()  # planar: (channels, n); packed: (1, n * channels)
     fmt = frame.format
+    if fmt.name.rstrip("p") == "s64":  # PyAV's to_ndarray has no s64: read the planes as to_ndarray would
+        count = frame.samples * (1 if fmt.is_planar else channels)
+        a = np.stack([np.frombuffer(plane, dtype=np.int64, count=count) for plane in frame.planes])
+    else:
+        a = frame.to_ndarray()  # planar: (channels, n); packed: (1, n * channels)
     if not fmt.is_planar:
         a = a.reshape(-1, channels).T  # (n, channels) interleaved -> (channels, n)
     kind = fmt.name.rstrip("p")
     if kind in ("flt", "dbl"):
-        return np.ascontiguousarray(a, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a double beyond float32's range becomes inf, refused by the caller
+            return np.ascontiguousarray(a, dtype=np.float32)
     if kind == "u8":
         return (a.astype(np.float32) - 128) * np.float32(1 / 128)
     # Signed integers fill the top bits (FFmpeg gives 24-bit PCM as s32 with a zero low
@@ -179,8 +193,8 @@ class AudioReader:
     """
 
     def __init__(self, path: str | os.PathLike[str], stream: int = 0, *, max_duration_s: float = MAX_DURATION_S):
-        self.path = os.fspath(path)
-        self.name = os.path.basename(self.path.rstrip("/")) or self.path
+        self.path = os.fsdecode(path)  # bytes too: a name that is not UTF-8 arrives as either
+        self.name = display_name(os.path.basename(self.path.rstrip("/")) or self.path)
         self.stream_index = stream
         self.max_duration_s = max_duration_s
         self.undecodable_packets = 0
@@ -214,7 +228,7 @@ class AudioReader:
         name = self.name
         try:
             with _ffmpeg_quiet():
-                container = av.open(self.path, mode="r")
+                container = av.open(self.path, mode="r", metadata_errors="replace")  # tags need not be UTF-8
         except av.error.InvalidDataError:
             raise AudioDecodeError(f"{name}: not an audio file (unrecognised or damaged data)") from None
         except av.error.PermissionError:
@@ -230,6 +244,8 @@ class AudioReader:
                 raise AudioDecodeError(f"{name}: has {count}, so there is no audio stream {self.stream_index}")
             st = streams[self.stream_index]
             cc = st.codec_context
+            if cc is None:  # FFmpeg has no decoder for the codec the header names
+                raise AudioDecodeError(f"{name}: the audio is in a format FFmpeg cannot decode (unknown codec)")
             if cc.channels > MAX_CHANNELS:
                 raise AudioDecodeError(f"{name}: has {cc.channels} channels, more than the {MAX_CHANNELS} supported")
             if cc.channels < 1 or cc.sample_rate < 1:
@@ -357,6 +373,10 @@ class AudioReader:
                 x = _to_float32(frame, self.channels)  # (channels, n)
                 if self.is_float and not np.isfinite(x).all():
                     raise AudioDecodeError(f"{self.name}: contains NaN or infinite samples")
+                if self.is_float and x.size and (peak := float(np.abs(x).max())) > MAX_FLOAT_LEVEL:
+                    raise AudioDecodeError(
+                        f"{self.name}: has float samples of {peak:.3g} times full scale, beyond the {MAX_FLOAT_LEVEL:.0e} supported"
+                    )
                 pending.append(x)
                 pending_n += x.shape[1]
                 total += x.shape[1]
@@ -562,7 +582,7 @@ class AudioWriter:
         expected_frames: int | None = None,
     ):
         self.path = os.fspath(path)
-        self.name = os.path.basename(self.path)
+        self.name = display_name(os.path.basename(self.path))
         self.subtype = subtype
         self.channels = channels
         self.clip = ClipReport()

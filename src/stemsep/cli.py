@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # File names need not be UTF-8: print output paths as their own bytes rather than fail after
+    # the work (stderr already escapes them with backslashes, which keeps errors readable).
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

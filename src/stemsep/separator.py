@@ -273,7 +273,7 @@ class Separator:
         with its length. Both outputs appear together or not at all. Inputs longer than
         `max_duration_s` (default $STEMSEP_MAX_DURATION_S, else 3 hours) are refused first.
         """
-        input_path, output_dir = Path(input_path), Path(output_dir)
+        input_path, output_dir = Path(os.fsdecode(input_path)), Path(os.fsdecode(output_dir))  # bytes too
         overlap = self._overlap(overlap)
         if not output_dir.is_dir():
             raise AudioEncodeError(f"output folder {output_dir} does not exist")
@@ -285,11 +285,11 @@ class Separator:
         frames = reader.estimated_frames
         if frames and frames / reader.sample_rate > limit:
             raise AudioDecodeError(
-                f"{input_path.name}: {_clock(frames / reader.sample_rate)} long, over the {_clock(limit)} limit "
+                f"{reader.name}: {_clock(frames / reader.sample_rate)} long, over the {_clock(limit)} limit "
                 "(STEMSEP_MAX_DURATION_S)"
             )
         ext = output_format.lower()
-        name = name or input_path.stem
+        name = name or _fit_name(input_path.stem, ext)
         paths = {stem: output_dir / f"{name}_{stem}.{ext}" for stem in STEMS}
         _check_free_space(output_dir, 2 * (frames or 0) * reader.channels * audio.bytes_per_sample(subtype))
 
@@ -309,11 +309,11 @@ class Separator:
                         writers[stem].write(stems[stem])
                         clipping[stem] += clipped.get(stem, audio.ClipReport())
             except AudioDecodeError as exc:
-                if str(exc).startswith(f"{input_path.name}: "):
+                if str(exc).startswith(f"{reader.name}: "):
                     raise
-                raise AudioDecodeError(f"{input_path.name}: {exc}") from None
+                raise AudioDecodeError(f"{reader.name}: {exc}") from None
             if not heard:
-                raise AudioDecodeError(f"{input_path.name}: the audio is silent (every sample is zero), nothing to separate")
+                raise AudioDecodeError(f"{reader.name}: the audio is silent (every sample is zero), nothing to separate")
             writers["vocals"].close()
             try:
                 writers["instrumental"].close()
@@ -351,6 +351,15 @@ def _take(blocks: list[np.ndarray], n: int) -> np.ndarray:
             blocks[0] = block[:, need:]
             have = n
     return np.concatenate(out, axis=-1)
+
+
+def _fit_name(stem: str, ext: str) -> str:
+    """`stem` shortened until the longest file written for it fits in a file name (255 bytes):
+    the writer's temporary `.<stem>_instrumental.<ext>.<8 hex digits>.part`."""
+    room = 255 - len(f"._instrumental.{ext}.01234567.part")
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return stem
 
 
 def _clock(seconds: float) -> str:
