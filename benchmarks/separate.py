@@ -1,0 +1,479 @@
+"""End-to-end separation of one file: stemsep vs audio-separator 0.47.1. Not a test.
+
+Same run, same input WAV, same checkpoint and yaml (random weights, seed 0), same overlap,
+same `torch.set_num_threads`. Each tool runs in its own fresh Python process per repetition,
+as a user's command would: the worker imports the tool, loads the model (timed apart), then
+separates the file into WAV stems (timed: decode, network, overlap-add, encode), and reports
+its own peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`, read inside the worker after the work)
+and on CUDA `torch.cuda.max_memory_allocated`. No warm-up: each process separates once.
+
+- the input: stereo 44.1 kHz 16-bit, band-limited music-like content (harmonic chords, a
+  vibrato "voice", band-pass-noise drums; deterministic), peak 0.5 so audio-separator's
+  0.9 peak normalization leaves it unchanged.
+- `--config-preset cpu`: the real 1297 STFT, band layout and 8-s chunks with a reduced
+  network (dim 128, depth 2, heads 8, dim_head 16); `full`: the 1297 config (for a GPU).
+- audio-separator gets `mdxc_params` pinning its chunk to the config's (segment_size =
+  inference.dim_t = chunk / hop + 1 = 801), else it picks a longer chunk for short files.
+- apples to apples: the SDR between the two tools' vocals is computed and reported.
+
+Results merge, keyed by duration, into `benchmarks/results/separate_<device>_<preset>.json`
+and `.md`; the ratios are printed last. Inputs, weights and stems go to `benchmarks/work/`.
+
+    .venv/bin/python benchmarks/separate.py --durations 30 --reps 3 --overlap 2
+    .venv/bin/python benchmarks/separate.py --durations 300,600 --reps 1 --overlap 2
+    .venv/bin/python benchmarks/separate.py --device cuda --config-preset full --durations 30,300 --reps 3 --overlap 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / "work" / "separate"
+RESULTS = ROOT / "benchmarks" / "results"
+SAMPLE_RATE = 44100
+TOOLS = ("stemsep", "audio-separator")
+
+# Network sizes; the STFT, band layout and 8-s chunk are the 1297 config's in both.
+PRESETS = {
+    "cpu": {"dim": 128, "depth": 2, "heads": 8, "dim_head": 16},  # as measured in REFERENCE.md
+    "full": {},
+}
+
+# ---------------------------------------------------------------------------------------
+# the input: deterministic band-limited music
+
+
+def _midi_hz(note: np.ndarray | float) -> np.ndarray | float:
+    return 440.0 * 2 ** ((np.asarray(note) - 69) / 12)
+
+
+def _envelope(n: int, rng: np.random.Generator, sample_rate: int) -> np.ndarray:
+    """Attack, exponential decay, release to exactly zero at the end (no steps, no clicks)."""
+    t = np.arange(n) / sample_rate
+    env = np.exp(-t * rng.uniform(1.5, 6.0))
+    edge = int(0.005 * sample_rate)
+    ramp = np.sin(np.linspace(0, np.pi / 2, edge)) ** 2
+    env[:edge] *= ramp
+    env[n - edge :] *= ramp[::-1]
+    return env
+
+
+def _beat(rng: np.random.Generator, index: int, n: int, sample_rate: int) -> np.ndarray:
+    """One beat (stereo, n frames) that starts and ends at zero."""
+    from scipy.signal import butter, sosfilt
+
+    t = np.arange(n) / sample_rate
+    top = 0.4 * sample_rate  # every partial well below Nyquist
+    out = np.zeros((2, n))
+    root = 45 + rng.choice([0, 3, 5, 7, 10])
+    for note in root + np.array([0, 4, 7]) + rng.choice([0, 12], 3):  # a chord, harmonics 1/k
+        f0, pan = _midi_hz(note), rng.uniform(0.2, 0.8)
+        tone = sum(np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi)) / k for k in range(1, 6) if k * f0 < top)
+        tone = 0.3 * tone * _envelope(n, rng, sample_rate)
+        out += np.array([[1 - pan], [pan]]) * tone
+    f0 = _midi_hz(60 + rng.choice([0, 2, 4, 5, 7, 9, 11, 12]))  # a "voice": vibrato, formant-ish harmonics
+    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.02 * np.sin(2 * np.pi * 5.5 * t))) / sample_rate
+    voice = sum(np.sin(k * phase) * np.exp(-((k * f0 - 700) / 900) ** 2) for k in range(1, 20) if k * f0 < top)
+    out += 0.4 * voice * _envelope(n, rng, sample_rate)
+    noise = rng.standard_normal((2, n))
+    kick = sosfilt(butter(2, [50, 160], "bandpass", fs=sample_rate, output="sos"), noise) * (index % 2 == 0)
+    hat = sosfilt(butter(2, [5000, 12000], "bandpass", fs=sample_rate, output="sos"), noise)
+    out += 3.0 * kick * np.exp(-t * 25) + 0.4 * hat * np.exp(-t * 60)
+    edge = int(0.005 * sample_rate)
+    ramp = np.sin(np.linspace(0, np.pi / 2, edge)) ** 2
+    out[:, :edge] *= ramp
+    out[:, n - edge :] *= ramp[::-1]
+    return out
+
+
+def write_music(path: Path, seconds: float, seed: int = 0, peak: float = 0.5, sample_rate: int = SAMPLE_RATE) -> Path:
+    """`seconds` of music-like stereo at 120 bpm, 16-bit WAV, written beat by beat (long
+    files never sit in memory whole); each beat is scaled to peak at most `peak`."""
+    rng = np.random.default_rng(seed)
+    beat = sample_rate // 2
+    total = round(seconds * sample_rate)
+    tmp = path.with_name(path.name + ".part")
+    with sf.SoundFile(tmp, "w", sample_rate, 2, "PCM_16", format="WAV") as f:
+        for index in range(math.ceil(total / beat)):
+            n = min(beat, total - index * beat)
+            x = _beat(rng, index, n, sample_rate) if n > int(0.02 * sample_rate) else np.zeros((2, n))
+            x *= peak / max(np.abs(x).max(), peak)
+            f.write(x.T.astype(np.float32))
+    tmp.rename(path)
+    return path
+
+
+def input_file(seconds: float, seed: int) -> Path:
+    path = WORK / f"music_{seconds:g}s_seed{seed}.wav"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_music(path, seconds, seed)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# the model files both tools load
+
+
+def model_files(preset: str) -> tuple[Path, Path]:
+    """Random weights (seed 0) under the 1297 names, rewritten each run (deterministic)."""
+    from stemsep.separator import CHECKPOINT_NAME
+    from stemsep.synthetic import CONFIG_1297, config_dict, make_model_files
+
+    chunk, hop = CONFIG_1297["audio"]["chunk_size"], CONFIG_1297["model"]["stft_hop_length"]
+    config = config_dict(model=PRESETS[preset], inference={"dim_t": chunk // hop + 1})
+    return make_model_files(WORK / f"model_{preset}", config, seed=0, name=CHECKPOINT_NAME.removesuffix(".ckpt"))
+
+
+# ---------------------------------------------------------------------------------------
+# the worker: one tool, one separation, in a fresh process
+
+
+def _rss_now_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker(args: argparse.Namespace) -> None:
+    import resource
+    import time
+
+    t0 = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker == "stemsep":
+        from stemsep.separator import Separator
+    else:
+        import logging
+
+        from audio_separator.separator import Separator as AudioSeparator  # nothing of stemsep in its process
+    t1 = time.perf_counter()
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.worker == "stemsep":
+        options = {"precision": args.precision} if args.precision else {}  # default: its own ("auto")
+        separator = Separator(args.checkpoint, args.config, device=args.device, **options)
+    else:
+        separator = AudioSeparator(
+            log_level=logging.WARNING, model_file_dir=args.model_dir, output_dir=str(out_dir), output_format="WAV",
+            mdxc_params={"overlap": args.overlap, "batch_size": 1, "pitch_shift": 0,  # its chunk = hop x (segment_size - 1)
+                         "segment_size": int(args.segment_size), "override_model_segment_size": True},
+        )
+        separator.load_model(model_filename=Path(args.checkpoint).name)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_now_mb()
+    cpu_before = _cpu_s()
+
+    if args.worker == "stemsep":
+        vocals = separator.separate(args.input, out_dir, overlap=args.overlap)["vocals"]
+    else:
+        outputs = separator.separate(args.input)
+        vocals = out_dir / next(Path(o).name for o in outputs if "(Vocals)" in o)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    t3 = time.perf_counter()
+
+    result = {
+        "import_s": t1 - t0,
+        "load_s": t2 - t1,
+        "separate_s": t3 - t2,
+        "separate_cpu_s": _cpu_s() - cpu_before,  # user + system, all threads (busy-waiting included)
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_after_load_mb": rss_after_load[0],
+        "rss_after_load_mb": rss_after_load[1],
+        "threads": torch.get_num_threads(),
+        "vocals": str(vocals),
+    }
+    if args.worker == "stemsep":  # what its defaults chose
+        result.update(precision=getattr(separator, "precision", "fp32"), batch_size=separator.batch_size)
+    if args.device == "cuda":
+        result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result))
+
+
+def busy_cores(seconds: float = 5.0) -> float:
+    """How many cores the machine's processes kept busy over the last `seconds` (/proc/stat)."""
+    import time
+
+    busy0, total0 = cpu_ticks()
+    time.sleep(seconds)
+    busy1, total1 = cpu_ticks()
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(1, total1 - total0)
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all cores since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def wait_for_idle(max_busy: float, patience_s: float = 3600) -> float:
+    """On a shared machine: wait (up to `patience_s`) until others keep fewer than `max_busy` cores busy."""
+    import time
+
+    deadline = time.monotonic() + patience_s
+    while (busy := busy_cores()) >= max_busy and time.monotonic() < deadline:
+        print(f"  waiting: other processes keep {busy:.1f} cores busy", flush=True)
+        time.sleep(25)
+    return busy
+
+
+def run_worker(tool: str, input_path: Path, model: dict[str, str], out_dir: Path, args: argparse.Namespace) -> dict:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # audio-separator picks CUDA by itself when it sees one
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--input", str(input_path),
+               *[part for key, value in model.items() for part in (f"--{key.replace('_', '-')}", value)], "--out-dir", str(out_dir),
+               "--overlap", str(args.overlap), "--threads", str(args.threads), "--device", args.device,
+               *(["--precision", args.precision] if args.precision else [])]
+    busy_before = wait_for_idle(args.wait_idle) if args.wait_idle else busy_cores(1.0)
+    import resource
+    import time
+
+    # Others' CPU use while the worker runs = all cores' busy time minus the worker's own.
+    ticks0, children0, t0 = cpu_ticks()[0], resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    ticks1, children1, wall = cpu_ticks()[0], resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
+    if done.returncode:
+        sys.exit(f"{tool} worker failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    worker_cpu_s = sum(getattr(children1, f) - getattr(children0, f) for f in ("ru_utime", "ru_stime"))
+    others = ((ticks1 - ticks0) / os.sysconf("SC_CLK_TCK") - worker_cpu_s) / wall
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "busy_cores_before": busy_before,
+            "worker_cpu_cores": worker_cpu_s / wall, "others_busy_cores_during": max(0.0, others)}
+
+
+# ---------------------------------------------------------------------------------------
+# comparing and reporting
+
+
+def sdr_db(reference: Path, estimate: Path) -> float:
+    """10 log10(sum s^2 / sum (s - s_hat)^2) over the whole file, audio-separator's vocals as s."""
+    s, _ = sf.read(reference, dtype="float32", always_2d=True)
+    e, _ = sf.read(estimate, dtype="float32", always_2d=True)
+    if s.shape != e.shape:
+        raise SystemExit(f"vocals differ in shape: audio-separator {s.shape}, stemsep {e.shape}")
+    signal = float(np.sum(np.square(s, dtype=np.float64)))
+    error = float(np.sum(np.square(s.astype(np.float64) - e)))
+    return 10 * math.log10(signal / error) if error else math.inf
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    described = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "audio_separator": _version("audio-separator"),
+        "stemsep_commit": git("rev-parse", "--short", "HEAD"),
+        "stemsep_src_modified": bool(git("status", "--porcelain", "src/stemsep")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device == "cuda":
+        described["gpu"] = torch.cuda.get_device_name()
+    return described
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def summarize(seconds: float, runs: dict[str, list[dict]], sdr: float, args: argparse.Namespace, machine_info: dict) -> dict:
+    median = lambda key, tool: statistics.median(r[key] for r in runs[tool])  # noqa: E731
+    entry: dict = {"audio_seconds": seconds, "overlap": args.overlap, "reps": args.reps, "threads": args.threads,
+                   "machine": machine_info}
+    for tool in TOOLS:
+        entry[tool] = {
+            "separate_s": median("separate_s", tool),
+            "real_time_factor": seconds / median("separate_s", tool),
+            "separate_s_min": min(r["separate_s"] for r in runs[tool]),  # the least disturbed, on a shared machine
+            "separate_cpu_s": statistics.median(r.get("separate_cpu_s", math.nan) for r in runs[tool]),
+            "load_s": median("load_s", tool),
+            "import_s": median("import_s", tool),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[tool]),
+            "peak_rss_after_load_mb": max(r["peak_rss_after_load_mb"] for r in runs[tool]),
+            "runs": [{k: v for k, v in r.items() if k != "vocals"} for r in runs[tool]],
+        }
+        if args.device == "cuda":
+            entry[tool]["cuda_peak_allocated_mb"] = max(r["cuda_peak_allocated_mb"] for r in runs[tool])
+    ours, theirs = entry["stemsep"], entry["audio-separator"]
+    ours["precision"], ours["batch_size"] = runs["stemsep"][0].get("precision"), runs["stemsep"][0].get("batch_size")
+    theirs["precision"], theirs["batch_size"] = "fp32", 1  # its defaults; it ignores batch_size for Roformers
+    entry["time_ratio_audio_separator_over_stemsep"] = theirs["separate_s"] / ours["separate_s"]
+    entry["peak_rss_ratio_stemsep_over_audio_separator"] = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
+    entry["vocals_sdr_between_tools_db"] = sdr
+    entry["others_busy_cores_before_workers_max"] = max(r["busy_cores_before"] for tool in TOOLS for r in runs[tool])
+    entry["others_busy_cores_during_workers_max"] = max(r["others_busy_cores_during"] for tool in TOOLS for r in runs[tool])
+    return entry
+
+
+def m_cores(entry: dict) -> int:
+    return entry["machine"]["cores"]
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"# End-to-end separation: stemsep vs audio-separator ({results['device']}, preset `{results['preset']}`)",
+        "",
+        f"Network: {results['network']}. Random weights, same checkpoint and yaml for both tools; each tool "
+        "in its own fresh process per repetition; time = the separation call (decode, network, overlap-add, "
+        "WAV encode), median over reps; peak RSS = the worker's `ru_maxrss` (max over reps). "
+        "RTF = audio seconds / wall seconds. Written by `benchmarks/separate.py`.",
+        "",
+        "| audio | overlap | reps | stemsep time | audio-separator time | stemsep RTF | audio-separator RTF "
+        "| time ratio (a-s / stemsep) | stemsep peak RSS | audio-separator peak RSS | RSS ratio (stemsep / a-s) "
+        "| load (stemsep / a-s) | vocals SDR between tools |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"])):
+        e = results["runs"][key]
+        ours, theirs = e["stemsep"], e["audio-separator"]
+        time = lambda t: f"{t['separate_s']:.1f} s" + (f" (min {t['separate_s_min']:.1f})" if e["reps"] > 1 and "separate_s_min" in t else "")  # noqa: E731
+        lines.append(
+            f"| {e['audio_seconds']:g} s{'' if e['threads'] == m_cores(e) else ', ' + str(e['threads']) + ' threads'} | {e['overlap']} | {e['reps']} | {time(ours)} | {time(theirs)} "
+            f"| {ours['real_time_factor']:.2f}x | {theirs['real_time_factor']:.2f}x | {e['time_ratio_audio_separator_over_stemsep']:.2f}x "
+            f"| {ours['peak_rss_mb']:.0f} MB | {theirs['peak_rss_mb']:.0f} MB | {e['peak_rss_ratio_stemsep_over_audio_separator']:.2f} "
+            f"| {ours['load_s']:.2f} s / {theirs['load_s']:.2f} s | {e['vocals_sdr_between_tools_db']:.1f} dB |"
+        )
+    if results["device"] == "cuda":
+        lines += ["", "| audio | stemsep CUDA peak allocated | audio-separator CUDA peak allocated |", "|---:|---:|---:|"]
+        for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"])):
+            e = results["runs"][key]
+            lines.append(f"| {e['audio_seconds']:g} s | {e['stemsep']['cuda_peak_allocated_mb']:.0f} MB "
+                         f"| {e['audio-separator']['cuda_peak_allocated_mb']:.0f} MB |")
+    lines += ["", "Machines (per row):", ""]
+    for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"])):
+        m, e = results["runs"][key]["machine"], results["runs"][key]
+        gpu = f", {m['gpu']}" if "gpu" in m else ""
+        lines.append(f"- {e['audio_seconds']:g} s, {e['threads']} threads: stemsep {e['stemsep'].get('precision')} batch {e['stemsep'].get('batch_size')}, "
+                     f"audio-separator fp32 batch 1; {m['cpu']}, {m['cores']} cores{gpu}, {results['runs'][key]['threads']} torch threads, "
+                     f"load average at start {m['load_average_at_start'][0]:.2f}, other processes busy before a worker "
+                     f"<= {results['runs'][key]['others_busy_cores_before_workers_max']:.1f} cores, during a worker "
+                     f"<= {results['runs'][key]['others_busy_cores_during_workers_max']:.1f} cores (mean over its run), Python {m['python']}, torch {m['torch']}, "
+                     f"audio-separator {m['audio_separator']}, stemsep {m['stemsep_commit']}"
+                     f"{' (src modified)' if m['stemsep_src_modified'] else ''}, {m['date']}")
+    return "\n".join(lines) + "\n"
+
+
+def row_key(seconds: float, threads: int) -> str:
+    """One results row per input length (and thread count, when not all cores)."""
+    return f"{seconds:g}" if threads == os.cpu_count() else f"{seconds:g}@{threads}threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--durations", default="30", help="comma-separated input lengths in seconds")
+    parser.add_argument("--reps", type=int, default=3, help="fresh processes per tool (median reported)")
+    parser.add_argument("--overlap", type=int, default=2)
+    parser.add_argument("--config-preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads in both workers")
+    parser.add_argument("--seed", type=int, default=0, help="of the generated input")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="stemsep's precision (default: its own, auto = bf16 on GPU, fp32 on CPU); audio-separator runs fp32")
+    parser.add_argument("--wait-idle", type=float, metavar="CORES",
+                        help="on a shared machine, start each worker only once other processes keep fewer than CORES cores busy")
+    parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
+    for hidden in ("--input", "--checkpoint", "--config", "--model-dir", "--segment-size", "--out-dir"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import yaml
+
+    from stemsep.checkpoint import _ConfigLoader
+    from stemsep.reference import audio_separator_model_dir
+    from stemsep.synthetic import CONFIG_1297
+
+    checkpoint, config = model_files(args.config_preset)
+    model = {  # what the workers load: the same files (audio-separator's folder holds symlinks to them)
+        "checkpoint": str(checkpoint),
+        "config": str(config),
+        "model_dir": str(audio_separator_model_dir(checkpoint, config, WORK / f"audio_separator_models_{args.config_preset}")),
+        "segment_size": str(yaml.load(config.read_text(), Loader=_ConfigLoader)["inference"]["dim_t"]),
+    }
+    network = {k: v for k, v in {**CONFIG_1297["model"], **PRESETS[args.config_preset]}.items()
+               if k in ("dim", "depth", "heads", "dim_head")}
+    out_json = RESULTS / f"separate_{args.device}_{args.config_preset}.json"
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    results.update({"device": args.device, "preset": args.config_preset,
+                    "network": ", ".join(f"{k} {v}" for k, v in network.items()) + ", 1297 STFT and 62 bands, 8-s chunks"})
+    results.setdefault("runs", {})
+
+    for seconds in (float(d) for d in args.durations.split(",")):
+        machine_info = machine(args.device)
+        source = input_file(seconds, args.seed)
+        runs: dict[str, list[dict]] = {tool: [] for tool in TOOLS}
+        for rep in range(args.reps):
+            order = TOOLS if rep % 2 == 0 else TOOLS[::-1]  # alternate who runs first
+            for tool in order:
+                out_dir = WORK / "out" / f"{tool}_rep{rep}"
+                result = run_worker(tool, source, model, out_dir, args)
+                runs[tool].append(result)
+                print(f"{seconds:g} s, rep {rep + 1}/{args.reps}, {tool}: separate {result['separate_s']:.1f} s, "
+                      f"load {result['load_s']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
+                      f"(others kept {result['busy_cores_before']:.1f} cores busy before, {result['others_busy_cores_during']:.1f} during)", flush=True)
+        sdr = sdr_db(Path(runs["audio-separator"][0]["vocals"]), Path(runs["stemsep"][0]["vocals"]))
+        print(f"{seconds:g} s: SDR between the two tools' vocals {sdr:.1f} dB", flush=True)
+        for rep in range(args.reps):
+            for tool in TOOLS:
+                shutil.rmtree(WORK / "out" / f"{tool}_rep{rep}", ignore_errors=True)
+        results["runs"][row_key(seconds, args.threads)] = summarize(seconds, runs, sdr, args, machine_info)
+
+        RESULTS.mkdir(parents=True, exist_ok=True)  # written after every duration: a long run keeps what it has
+        out_json.write_text(json.dumps(results, indent=2) + "\n")
+        out_json.with_suffix(".md").write_text(markdown(results))
+
+    print(f"results: {out_json.relative_to(ROOT)} and .md")
+    for seconds in (float(d) for d in args.durations.split(",")):
+        e = results["runs"][row_key(seconds, args.threads)]
+        ours, theirs = e["stemsep"], e["audio-separator"]
+        print(f"{seconds:g} s, overlap {e['overlap']}: stemsep {ours['separate_s']:.1f} s ({ours['real_time_factor']:.2f}x real time), "
+              f"audio-separator {theirs['separate_s']:.1f} s ({theirs['real_time_factor']:.2f}x); "
+              f"peak RSS stemsep {ours['peak_rss_mb']:.0f} MB, audio-separator {theirs['peak_rss_mb']:.0f} MB; "
+              f"vocals SDR between tools {e['vocals_sdr_between_tools_db']:.1f} dB")
+    for seconds in (float(d) for d in args.durations.split(",")):
+        e = results["runs"][row_key(seconds, args.threads)]
+        print(f"{seconds:g} s: time audio-separator / stemsep = {e['time_ratio_audio_separator_over_stemsep']:.2f}x; "
+              f"peak RSS stemsep / audio-separator = {e['peak_rss_ratio_stemsep_over_audio_separator']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
