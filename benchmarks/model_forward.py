@@ -1,10 +1,19 @@
-"""Forward time of one full-size 8-s chunk: stemsep's network vs audio-separator's BSRoformer.
+"""The network alone, full 1297 shapes: stemsep's vs audio-separator's `BSRoformer`. Not a test.
 
-Same process, same random weights (1297 shapes), same threads, fp32 eager, batch 1. Each
-model runs `--reps` times after one warm-up; the median is reported, with peak RSS. On a GPU
-(`--device cuda`) the same plus bf16 autocast for ours.
+Same process, same random weights, same 8-s chunks of noise-like audio. Reports:
+
+- parity: the largest difference between the two networks' fp32 outputs;
+- precision: SNR of stemsep's bf16 and fp16 autocast outputs against its fp32 output;
+- speed: the reference in fp32 at batch 1 (what audio-separator runs), stemsep in fp32 at
+  batch 1, and on a GPU stemsep in bf16 over `--batches` (and compiled, with `--compile`);
+  median of `--reps` timed runs after a warm-up, in seconds per chunk;
+- on a GPU, model FLOP utilization: the FLOP count of `stemsep.flops` (checked against
+  torch's FlopCounterMode in the tests) over the time, against the GPU's datasheet dense
+  peak and against a bf16 matrix product measured here;
+- peak RSS (and peak GPU memory).
 
     .venv/bin/python benchmarks/model_forward.py --reps 3 --out benchmarks/results/model_forward_cpu.json
+    python benchmarks/model_forward.py --device cuda --batches 1,4,8,16 --compile --out benchmarks/results/model_forward_cuda.json
 """
 
 from __future__ import annotations
@@ -22,34 +31,82 @@ from pathlib import Path
 import torch
 import yaml
 
-from stemsep.checkpoint import _ConfigLoader, load_model
+from stemsep.checkpoint import _ConfigLoader, load_config, load_model
+from stemsep.flops import datasheet_peak_tflops, flops_per_chunk
 from stemsep.synthetic import CONFIG_1297, write_checkpoint, write_config
-
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(model, audio, reps, device, autocast_dtype=None):
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(model, audio, reps, device, autocast_dtype=None) -> tuple[float, list[float]]:
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     times = []
     with torch.inference_mode(), amp:
         for i in range(reps + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t = time.perf_counter()
             model(audio)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             if i:  # the first run is a warm-up
                 times.append(time.perf_counter() - t)
     return statistics.median(times), times
+
+
+def output(model, audio, device, autocast_dtype=None) -> torch.Tensor:
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    with torch.inference_mode(), amp:
+        return model(audio).float()
+
+
+def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+    error = (reference.double() - estimate.double()).square().sum()
+    return float(10 * torch.log10(reference.double().square().sum() / error))
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """A large bf16 matrix product's rate on this GPU (random data): the practical ceiling."""
+    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * n**3 * reps / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def profile_forward(model, audio: torch.Tensor, out: Path) -> None:
+    """GPU time by kernel (torch.profiler) over two bf16 forward passes, top 25 to `out`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(audio)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                model(audio)
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table)
+    print(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batches", default="1", help="comma-separated batch sizes for stemsep's bf16 timings (GPU)")
+    parser.add_argument("--compile", action="store_true", help="also time stemsep compiled (bf16, largest batch)")
+    parser.add_argument("--profile", type=Path, help="write torch.profiler's table of the fastest bf16 run's GPU kernels here")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -60,23 +117,68 @@ def main() -> None:
         torch.manual_seed(0)
         reference = Reference(**yaml.load(config_path.read_text(), Loader=_ConfigLoader)["model"]).eval()
         ours = load_model(write_checkpoint(Path(tmp) / "model.ckpt", reference.state_dict()), config_path, device)
+        flops = flops_per_chunk(load_config(config_path))
     reference = reference.to(device)
-    audio = 0.1 * torch.randn(1, 2, CONFIG_1297["audio"]["chunk_size"], device=device)
+    chunk = CONFIG_1297["audio"]["chunk_size"]
+    audio = 0.1 * torch.randn(1, 2, chunk, device=device)
 
-    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-               "device": str(device), "chunk_seconds": 8.0}
-    results["ours_fp32_s"], results["ours_fp32_runs"] = timed(ours, audio, args.reps, device)
-    results["reference_fp32_s"], results["reference_fp32_runs"] = timed(reference, audio, args.reps, device)
-    results["ratio_reference_over_ours"] = results["reference_fp32_s"] / results["ours_fp32_s"]
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "chunk_seconds": chunk / CONFIG_1297["audio"]["sample_rate"],
+        "flops_per_chunk": flops,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
+    }
+    fp32 = output(ours, audio, device)
+    results["parity_max_abs_diff_fp32"] = float((fp32 - output(reference, audio, device)).abs().max())
+    results["parity_reference_peak"] = float(fp32.abs().max())
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        results[f"snr_{name}_vs_fp32_db"] = snr_db(fp32, output(ours, audio, device, dtype))
+
+    timings: list[dict] = []
+
+    def record(label: str, model, batch: int, dtype=None) -> None:
+        seconds, runs = timed(model, audio.expand(batch, -1, -1).contiguous(), args.reps, device, dtype)
+        row = {"run": label, "batch": batch, "seconds_per_forward": seconds, "seconds_per_chunk": seconds / batch,
+               "tflops": flops * batch / seconds / 1e12, "runs": runs}
+        timings.append(row)
+        print(f"{label:<32} batch {batch:>2}: {seconds / batch:.4f} s per chunk, {row['tflops']:.1f} TFLOP/s", flush=True)
+
+    record("audio-separator fp32", reference, 1)
+    record("stemsep fp32", ours, 1)
     if device.type == "cuda":
-        results["ours_bf16_s"], results["ours_bf16_runs"] = timed(ours, audio, args.reps, device, torch.bfloat16)
+        del reference
+        torch.cuda.empty_cache()
+        batches = [int(b) for b in args.batches.split(",")]
+        for batch in batches:
+            record("stemsep bf16", ours, batch, torch.bfloat16)
+        if args.compile:
+            compiled = torch.compile(ours, dynamic=False)
+            record("stemsep bf16 compiled", compiled, max(batches), torch.bfloat16)
+            results["snr_bf16_compiled_vs_fp32_db"] = snr_db(fp32, output(compiled, audio.expand(max(batches), -1, -1).contiguous(), device, torch.bfloat16)[:1])
+        if args.profile:
+            best = compiled if args.compile else ours
+            profile_forward(best, audio.expand(max(batches), -1, -1).contiguous(), args.profile)
         results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    results["peak_rss_mb_both_models"] = peak_rss_mb()
-    print(json.dumps(results, indent=2))
+        results["matmul_bf16_tflops_measured"] = matmul_tflops(device)
+        for row in timings:
+            dense = datasheet_peak_tflops(results["device"], "fp32" if "fp32" in row["run"] else "bf16")
+            row["datasheet_peak_tflops"] = dense
+            row["mfu_datasheet"] = row["tflops"] / dense if dense else None
+            if "fp32" not in row["run"]:
+                row["fraction_of_measured_matmul"] = row["tflops"] / results["matmul_bf16_tflops_measured"]
+    results["timings"] = timings
+    results["speedup_best_over_reference"] = timings[0]["seconds_per_chunk"] / min(r["seconds_per_chunk"] for r in timings)
+    results["peak_rss_mb"] = peak_rss_mb()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"reference / stemsep forward time: {results['ratio_reference_over_ours']:.2f}x")
+    print(json.dumps({k: v for k, v in results.items() if k != "timings"}, indent=1))
+    print(f"\n{'run':<32} {'batch':>5} {'s/chunk':>8} {'TFLOP/s':>8} {'MFU':>6}")
+    for row in timings:
+        mfu = f"{100 * row['mfu_datasheet']:.0f}%" if row.get("mfu_datasheet") else "-"
+        print(f"{row['run']:<32} {row['batch']:>5} {row['seconds_per_chunk']:>8.4f} {row['tflops']:>8.1f} {mfu:>6}")
+    print(f"audio-separator fp32 batch 1 / stemsep best: {results['speedup_best_over_reference']:.2f}x per chunk")
 
 
 if __name__ == "__main__":

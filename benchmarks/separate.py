@@ -177,10 +177,13 @@ def worker(args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.worker == "stemsep":
         options = {"precision": args.precision} if args.precision else {}  # default: its own ("auto")
-        separator = Separator(args.checkpoint, args.config, device=args.device, **options)
+        if args.batch_size:
+            options["batch_size"] = args.batch_size
+        separator = Separator(args.checkpoint, args.config, device=args.device, compile=args.compile, **options)
     else:
         separator = AudioSeparator(
             log_level=logging.WARNING, model_file_dir=args.model_dir, output_dir=str(out_dir), output_format="WAV",
+            use_soundfile=args.audio_separator_writer == "soundfile",
             mdxc_params={"overlap": args.overlap, "batch_size": 1, "pitch_shift": 0,  # its chunk = hop x (segment_size - 1)
                          "segment_size": int(args.segment_size), "override_model_segment_size": True},
         )
@@ -254,7 +257,9 @@ def run_worker(tool: str, input_path: Path, model: dict[str, str], out_dir: Path
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--input", str(input_path),
                *[part for key, value in model.items() for part in (f"--{key.replace('_', '-')}", value)], "--out-dir", str(out_dir),
                "--overlap", str(args.overlap), "--threads", str(args.threads), "--device", args.device,
-               *(["--precision", args.precision] if args.precision else [])]
+               "--audio-separator-writer", args.audio_separator_writer,
+               *(["--precision", args.precision] if args.precision else []),
+               *(["--batch-size", str(args.batch_size)] if args.batch_size else []), *(["--compile"] if args.compile else [])]
     busy_before = wait_for_idle(args.wait_idle) if args.wait_idle else busy_cores(1.0)
     import resource
     import time
@@ -314,10 +319,40 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def summarize(seconds: float, runs: dict[str, list[dict]], sdr: float, args: argparse.Namespace, machine_info: dict) -> dict:
+def audio_separator_chunk_count(length: int, chunk: int, step: int) -> int:
+    """Chunks audio-separator 0.47.1 runs (`MDXCSeparator._roformer_chunk_starts`): one every
+    `step` samples while a chunk fits, then one last chunk flush with the end."""
+    starts: list[int] = []
+    for offset in range(0, length, step):
+        if offset + chunk >= length:
+            if not starts or starts[-1] != max(length - chunk, 0):
+                starts.append(max(length - chunk, 0))
+            break
+        starts.append(offset)
+    return len(starts)
+
+
+def network_work(seconds: float, overlap: int, config_path: Path) -> dict:
+    """Each tool's chunk count for this input and the FLOPs of one chunk (stemsep.flops)."""
+    from stemsep.checkpoint import load_config
+    from stemsep.flops import flops_per_chunk
+    from stemsep.inference import plan_chunks
+
+    config = load_config(config_path)
+    length, chunk = round(seconds * SAMPLE_RATE), config.audio.chunk_size
+    return {"flops_per_chunk": flops_per_chunk(config),
+            "chunks": {"stemsep": plan_chunks(length, chunk, overlap).count,
+                       "audio-separator": audio_separator_chunk_count(length, chunk, chunk // overlap)}}
+
+
+def summarize(seconds: float, runs: dict[str, list[dict]], sdr: float, args: argparse.Namespace, machine_info: dict,
+              work: dict) -> dict:
+    from stemsep.flops import datasheet_peak_tflops
+
     median = lambda key, tool: statistics.median(r[key] for r in runs[tool])  # noqa: E731
     entry: dict = {"audio_seconds": seconds, "overlap": args.overlap, "reps": args.reps, "threads": args.threads,
-                   "machine": machine_info}
+                   "machine": machine_info, "flops_per_chunk": work["flops_per_chunk"],
+                   "audio_separator_writer": args.audio_separator_writer}
     for tool in TOOLS:
         entry[tool] = {
             "separate_s": median("separate_s", tool),
@@ -334,7 +369,15 @@ def summarize(seconds: float, runs: dict[str, list[dict]], sdr: float, args: arg
             entry[tool]["cuda_peak_allocated_mb"] = max(r["cuda_peak_allocated_mb"] for r in runs[tool])
     ours, theirs = entry["stemsep"], entry["audio-separator"]
     ours["precision"], ours["batch_size"] = runs["stemsep"][0].get("precision"), runs["stemsep"][0].get("batch_size")
+    ours["compile"] = args.compile
     theirs["precision"], theirs["batch_size"] = "fp32", 1  # its defaults; it ignores batch_size for Roformers
+    for tool in TOOLS:  # model FLOP utilization: the network's useful work over the whole separation call
+        t = entry[tool]
+        t["chunks"] = work["chunks"][tool]
+        t["network_tflops"] = t["chunks"] * work["flops_per_chunk"] / t["separate_s"] / 1e12
+        if args.device == "cuda":
+            t["datasheet_peak_tflops"] = datasheet_peak_tflops(machine_info["gpu"], t["precision"])
+            t["mfu"] = t["network_tflops"] / t["datasheet_peak_tflops"] if t["datasheet_peak_tflops"] else None
     entry["time_ratio_audio_separator_over_stemsep"] = theirs["separate_s"] / ours["separate_s"]
     entry["peak_rss_ratio_stemsep_over_audio_separator"] = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
     entry["vocals_sdr_between_tools_db"] = sdr
@@ -343,8 +386,10 @@ def summarize(seconds: float, runs: dict[str, list[dict]], sdr: float, args: arg
     return entry
 
 
-def m_cores(entry: dict) -> int:
-    return entry["machine"]["cores"]
+def label(entry: dict) -> str:
+    """A row's name: the input length, then what differs from the defaults."""
+    threads = "" if entry["threads"] == entry["machine"]["cores"] else f", {entry['threads']} threads"
+    return f"{entry['audio_seconds']:g} s{threads}{', stemsep compiled' if entry['stemsep'].get('compile') else ''}"
 
 
 def markdown(results: dict) -> str:
@@ -361,28 +406,35 @@ def markdown(results: dict) -> str:
         "| load (stemsep / a-s) | vocals SDR between tools |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"])):
+    for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"], k)):
         e = results["runs"][key]
         ours, theirs = e["stemsep"], e["audio-separator"]
         time = lambda t: f"{t['separate_s']:.1f} s" + (f" (min {t['separate_s_min']:.1f})" if e["reps"] > 1 and "separate_s_min" in t else "")  # noqa: E731
         lines.append(
-            f"| {e['audio_seconds']:g} s{'' if e['threads'] == m_cores(e) else ', ' + str(e['threads']) + ' threads'} | {e['overlap']} | {e['reps']} | {time(ours)} | {time(theirs)} "
+            f"| {label(e)} | {e['overlap']} | {e['reps']} | {time(ours)} | {time(theirs)} "
             f"| {ours['real_time_factor']:.2f}x | {theirs['real_time_factor']:.2f}x | {e['time_ratio_audio_separator_over_stemsep']:.2f}x "
             f"| {ours['peak_rss_mb']:.0f} MB | {theirs['peak_rss_mb']:.0f} MB | {e['peak_rss_ratio_stemsep_over_audio_separator']:.2f} "
             f"| {ours['load_s']:.2f} s / {theirs['load_s']:.2f} s | {e['vocals_sdr_between_tools_db']:.1f} dB |"
         )
     if results["device"] == "cuda":
-        lines += ["", "| audio | stemsep CUDA peak allocated | audio-separator CUDA peak allocated |", "|---:|---:|---:|"]
-        for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"])):
+        lines += ["", "Network work over the whole separation call (chunks x FLOPs per chunk / time); MFU against the "
+                  "datasheet dense peak of the precision each tool runs in.", "",
+                  "| audio | chunks (stemsep / a-s) | stemsep TFLOP/s | stemsep MFU | a-s TFLOP/s | a-s MFU (fp32 peak) "
+                  "| stemsep CUDA peak allocated | a-s CUDA peak allocated |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"], k)):
             e = results["runs"][key]
-            lines.append(f"| {e['audio_seconds']:g} s | {e['stemsep']['cuda_peak_allocated_mb']:.0f} MB "
-                         f"| {e['audio-separator']['cuda_peak_allocated_mb']:.0f} MB |")
+            ours, theirs = e["stemsep"], e["audio-separator"]
+            pct = lambda t: f"{100 * t['mfu']:.0f}%" if t.get("mfu") else "-"  # noqa: E731
+            lines.append(f"| {label(e)} | {ours.get('chunks')} / {theirs.get('chunks')} | {ours.get('network_tflops', 0):.0f} "
+                         f"| {pct(ours)} | {theirs.get('network_tflops', 0):.1f} | {pct(theirs)} "
+                         f"| {ours['cuda_peak_allocated_mb']:.0f} MB | {theirs['cuda_peak_allocated_mb']:.0f} MB |")
     lines += ["", "Machines (per row):", ""]
-    for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"])):
+    for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"], k)):
         m, e = results["runs"][key]["machine"], results["runs"][key]
         gpu = f", {m['gpu']}" if "gpu" in m else ""
-        lines.append(f"- {e['audio_seconds']:g} s, {e['threads']} threads: stemsep {e['stemsep'].get('precision')} batch {e['stemsep'].get('batch_size')}, "
-                     f"audio-separator fp32 batch 1; {m['cpu']}, {m['cores']} cores{gpu}, {results['runs'][key]['threads']} torch threads, "
+        lines.append(f"- {label(e)}, {e['threads']} threads: stemsep {e['stemsep'].get('precision')} batch {e['stemsep'].get('batch_size')}"
+                     f"{' compiled' if e['stemsep'].get('compile') else ''}, audio-separator fp32 batch 1 "
+                     f"({e.get('audio_separator_writer', 'pydub')} writer); {m['cpu']}, {m['cores']} cores{gpu}, {results['runs'][key]['threads']} torch threads, "
                      f"load average at start {m['load_average_at_start'][0]:.2f}, other processes busy before a worker "
                      f"<= {results['runs'][key]['others_busy_cores_before_workers_max']:.1f} cores, during a worker "
                      f"<= {results['runs'][key]['others_busy_cores_during_workers_max']:.1f} cores (mean over its run), Python {m['python']}, torch {m['torch']}, "
@@ -391,9 +443,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def row_key(seconds: float, threads: int) -> str:
-    """One results row per input length (and thread count, when not all cores)."""
-    return f"{seconds:g}" if threads == os.cpu_count() else f"{seconds:g}@{threads}threads"
+def row_key(seconds: float, args: argparse.Namespace) -> str:
+    """One results row per input length (and thread count, when not all cores; and stemsep's
+    options, when not its defaults)."""
+    key = f"{seconds:g}" if args.threads == os.cpu_count() else f"{seconds:g}@{args.threads}threads"
+    return key + (f"+batch{args.batch_size}" if args.batch_size else "") + ("+compile" if args.compile else "")
 
 
 def main() -> None:
@@ -407,6 +461,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="of the generated input")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                         help="stemsep's precision (default: its own, auto = bf16 on GPU, fp32 on CPU); audio-separator runs fp32")
+    parser.add_argument("--batch-size", type=int, help="stemsep's chunks per forward pass (default: its own)")
+    parser.add_argument("--compile", action="store_true", help="stemsep with torch.compile (compiled in its load time)")
+    parser.add_argument("--audio-separator-writer", choices=["pydub", "soundfile"], default="pydub",
+                        help="audio-separator's WAV writer: its default pydub (calls ffmpeg) or its use_soundfile option")
     parser.add_argument("--wait-idle", type=float, metavar="CORES",
                         help="on a shared machine, start each worker only once other processes keep fewer than CORES cores busy")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
@@ -455,7 +513,8 @@ def main() -> None:
         for rep in range(args.reps):
             for tool in TOOLS:
                 shutil.rmtree(WORK / "out" / f"{tool}_rep{rep}", ignore_errors=True)
-        results["runs"][row_key(seconds, args.threads)] = summarize(seconds, runs, sdr, args, machine_info)
+        work = network_work(seconds, args.overlap, config)
+        results["runs"][row_key(seconds, args)] = summarize(seconds, runs, sdr, args, machine_info, work)
 
         RESULTS.mkdir(parents=True, exist_ok=True)  # written after every duration: a long run keeps what it has
         out_json.write_text(json.dumps(results, indent=2) + "\n")
@@ -463,14 +522,14 @@ def main() -> None:
 
     print(f"results: {out_json.relative_to(ROOT)} and .md")
     for seconds in (float(d) for d in args.durations.split(",")):
-        e = results["runs"][row_key(seconds, args.threads)]
+        e = results["runs"][row_key(seconds, args)]
         ours, theirs = e["stemsep"], e["audio-separator"]
         print(f"{seconds:g} s, overlap {e['overlap']}: stemsep {ours['separate_s']:.1f} s ({ours['real_time_factor']:.2f}x real time), "
               f"audio-separator {theirs['separate_s']:.1f} s ({theirs['real_time_factor']:.2f}x); "
               f"peak RSS stemsep {ours['peak_rss_mb']:.0f} MB, audio-separator {theirs['peak_rss_mb']:.0f} MB; "
               f"vocals SDR between tools {e['vocals_sdr_between_tools_db']:.1f} dB")
     for seconds in (float(d) for d in args.durations.split(",")):
-        e = results["runs"][row_key(seconds, args.threads)]
+        e = results["runs"][row_key(seconds, args)]
         print(f"{seconds:g} s: time audio-separator / stemsep = {e['time_ratio_audio_separator_over_stemsep']:.2f}x; "
               f"peak RSS stemsep / audio-separator = {e['peak_rss_ratio_stemsep_over_audio_separator']:.2f}")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from cogserver import REPO, cog_server, http
 from stemsep.separator import CHECKPOINT_NAME, CONFIG_NAME, MAX_OVERLAP
@@ -250,6 +251,18 @@ def test_input_metadata_is_readable_without_running_python():
 )
 def test_output_name(path, name):
     assert predict.output_name(path) == name
+
+
+@pytest.mark.parametrize(
+    "setting, device, expected",
+    [(None, "cpu", False), ("auto", "cpu", False), ("1", "cpu", True), ("0", "cpu", False), ("yes", "cpu", True)]
+    + ([(None, "cuda", True), ("0", "cuda", False)] if torch.cuda.is_available() else []),
+)
+def test_the_image_compiles_the_network_on_a_gpu_only_unless_told(monkeypatch, setting, device, expected):
+    monkeypatch.delenv("STEMSEP_COMPILE", raising=False)
+    if setting is not None:
+        monkeypatch.setenv("STEMSEP_COMPILE", setting)
+    assert predict.use_compile(device) is expected
 
 
 # predictions -------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stemsep.checkpoint import _ConfigLoader, build_model, load_config, load_model
+from stemsep.checkpoint import CPU_SLICE_TOKENS, _ConfigLoader, build_model, load_config, load_model
 from stemsep.synthetic import BANDS_1297, config_dict, write_checkpoint, write_config
 
 Reference = pytest.importorskip("audio_separator.separator.uvr_lib_v5.roformer.bs_roformer").BSRoformer
@@ -22,12 +22,14 @@ def reference_model(config_path):
     return Reference(**raw).eval()
 
 
-def max_error_vs_reference(tmp_path, config, seconds_of_hops, seed=0, channels=2):
+def max_error_vs_reference(tmp_path, config, seconds_of_hops, seed=0, channels=2, slice_tokens="default"):
     config_path = write_config(tmp_path / "model.yaml", config)
     torch.manual_seed(seed)
     ref = reference_model(config_path)
     checkpoint = write_checkpoint(tmp_path / "model.ckpt", ref.state_dict())
     ours = load_model(checkpoint, config_path)
+    if slice_tokens != "default":
+        ours.slice_tokens = slice_tokens
     hop = config["model"]["stft_hop_length"]
     audio = 0.5 * torch.randn(2, channels, hop * seconds_of_hops, generator=torch.Generator().manual_seed(seed + 1))
     with torch.inference_mode():
@@ -50,6 +52,8 @@ def test_state_dict_layout_is_exactly_the_1297_checkpoint_layout():
 
 def test_parity_with_full_1297_shapes_on_half_a_second(tmp_path):
     raw = yaml.load(open(REAL_CONFIG), Loader=_ConfigLoader)
+    # 2 x 51 frames x 62 bands = 6,324 tokens: on the CPU the transformers run in slices of 4,096
+    assert CPU_SLICE_TOKENS < 2 * 51 * 62
     error, peak = max_error_vs_reference(tmp_path, raw, seconds_of_hops=50)  # 50 hops = 0.5 s
     print(f"full 1297 shapes: max abs error {error:.2e} (output peak {peak:.2f})")
     assert error <= 1e-5
@@ -84,10 +88,12 @@ def tiny_configs(draw):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(config=tiny_configs(), seed=st.integers(0, 2**16))
-def test_parity_with_reference_on_random_small_configs(tmp_path, config, seed):
+@given(config=tiny_configs(), seed=st.integers(0, 2**16), slice_tokens=st.sampled_from([None, 1, 37, 500]))
+def test_parity_with_reference_on_random_small_configs(tmp_path, config, seed, slice_tokens):
+    """Any config, and the transformers over any slicing (1: one sequence at a time)."""
     channels = 2 if config["model"]["stereo"] else 1
-    error, peak = max_error_vs_reference(tmp_path, config, seconds_of_hops=40, seed=seed, channels=channels)
+    error, peak = max_error_vs_reference(tmp_path, config, seconds_of_hops=40, seed=seed, channels=channels,
+                                         slice_tokens=slice_tokens)
     assert error <= 1e-5, (error, peak)
 
 
@@ -107,3 +113,25 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32(tmp_path):
     snr = 10 * math.log10(fp32.pow(2).sum() / (fp32 - bf16).pow(2).sum())
     print(f"bf16 autocast vs fp32: SNR {snr:.1f} dB")
     assert snr > 30
+
+
+def test_slices_split_the_transformers_input_and_change_nothing(tmp_path):
+    """Slicing really happens (more, smaller transformer calls) and gives the same output."""
+    config_path = write_config(tmp_path / "model.yaml", config_dict(model={"dim": 16, "depth": 1, "dim_head": 8, "heads": 2}))
+    torch.manual_seed(0)
+    model = load_model(write_checkpoint(tmp_path / "model.ckpt", reference_model(config_path).state_dict()), config_path)
+    assert model.slice_tokens == CPU_SLICE_TOKENS  # the CPU default
+    calls = []
+    for transformer in model.layers[0]:
+        transformer.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    audio = 0.5 * torch.randn(1, 2, 441 * 200, generator=torch.Generator().manual_seed(1))  # 201 frames x 62 bands
+    with torch.inference_mode():
+        model.slice_tokens = None
+        whole = model(audio)
+        assert calls == [(62, 201, 16), (201, 62, 16)]
+        calls.clear()
+        model.slice_tokens = 1000
+        sliced = model(audio)
+    # time: 1000 // 201 = 4 sequences per slice (62 = 15 x 4 + 2); frequency: 16 per slice (201 = 12 x 16 + 9)
+    assert calls == [(4, 201, 16)] * 15 + [(2, 201, 16)] + [(16, 62, 16)] * 12 + [(9, 62, 16)]
+    assert (sliced - whole).abs().max() < 1e-6

@@ -42,3 +42,23 @@ def flops_per_chunk(config: Config) -> int:
 def flops_per_second(config: Config) -> float:
     """FLOPs per second of audio per pass (one chunk's worth of work per chunk of audio)."""
     return flops_per_chunk(config) * config.audio.sample_rate / config.audio.chunk_size
+
+
+# Dense (no sparsity) tensor-core peaks from the vendors' datasheets, TFLOP/s: (bf16, fp32).
+DATASHEET_PEAKS = {
+    "H100 80GB HBM3": (989.4, 66.9),  # SXM
+    "H100 PCIe": (756.0, 51.2),
+    "H200": (989.4, 66.9),
+    "A100": (312.0, 19.5),
+    "A40": (149.7, 37.4),
+    "L40S": (362.1, 91.6),
+    "A10": (125.0, 31.2),
+    "T4": (65.0, 8.1),  # fp16 (the T4 has no bf16)
+}
+
+
+def datasheet_peak_tflops(gpu_name: str, precision: str) -> float | None:
+    """The datasheet's dense peak of a GPU (by `torch.cuda.get_device_name`) for `precision`
+    ("bf16"/"fp16" -> tensor-core half precision, "fp32" -> plain fp32), or None if unknown."""
+    peaks = next((peak for key, peak in DATASHEET_PEAKS.items() if key in gpu_name), None)
+    return None if peaks is None else peaks[1] if precision == "fp32" else peaks[0]

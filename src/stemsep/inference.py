@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -86,10 +87,14 @@ class BatchRunner:
     fallbacks a long job needs.
 
     The STFT/iSTFT and mask multiply stay float32 inside the model; autocast (`autocast_dtype`)
-    lowers the transformers to bf16/fp16. On CUDA, host memory is pinned so the copy is
-    asynchronous. `fixed_batch` pads short batches with silent chunks, so a compiled model
-    sees one shape and never recompiles. If CUDA runs out of memory, the batch is split in
-    halves (and later batches stay at the smaller size) down to a single chunk before giving up.
+    lowers the transformers to bf16/fp16. `submit` returns a future. On CUDA the batches run
+    in order on one worker thread, so the caller decodes, adds up and encodes while the GPU
+    computes (the network itself waits for the GPU at points, e.g. torch.istft's window
+    check, which would otherwise stall the caller); chunks go up from pinned memory. On the
+    CPU, where the network already uses every core, a batch runs when it is submitted.
+    `fixed_batch` pads short batches with silent chunks, so a compiled model sees one shape
+    and never recompiles. If CUDA runs out of memory, the batch is split in halves (and later
+    batches stay at the smaller size) down to a single chunk before giving up.
     """
 
     def __init__(
@@ -102,11 +107,22 @@ class BatchRunner:
         self.model, self.device = model, torch.device(device)
         self.autocast_dtype, self.fixed_batch = autocast_dtype, fixed_batch
         self.max_batch: int | None = None  # lowered after an out-of-memory error
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="stemsep-gpu") if self.device.type == "cuda" else None
 
     def __call__(self, chunks: np.ndarray) -> torch.Tensor:  # (batch, channels, chunk) -> same, float32, CPU
+        return self.submit(chunks).result()
+
+    def submit(self, chunks: np.ndarray) -> Future[torch.Tensor]:
+        if self.worker is not None:
+            return self.worker.submit(self.compute, chunks)
+        done: Future[torch.Tensor] = Future()
+        done.set_result(self.compute(chunks))
+        return done
+
+    def compute(self, chunks: np.ndarray) -> torch.Tensor:
         limit = self.max_batch or len(chunks)
         if len(chunks) > limit:
-            return torch.cat([self(chunks[i : i + limit]) for i in range(0, len(chunks), limit)])
+            return torch.cat([self.compute(chunks[i : i + limit]) for i in range(0, len(chunks), limit)])
         try:
             return self._forward(chunks)
         except torch.OutOfMemoryError:
@@ -117,7 +133,7 @@ class BatchRunner:
             torch.cuda.empty_cache()
             self.max_batch = len(chunks) // 2
             warnings.warn(f"GPU out of memory: continuing with {self.max_batch} chunks per batch", stacklevel=2)
-            return self(chunks)
+            return self.compute(chunks)
 
     def _forward(self, chunks: np.ndarray) -> torch.Tensor:
         count = len(chunks)
@@ -170,6 +186,7 @@ class StreamingSeparation:
         self.input, self.input_base, self.received = empty, 0, 0  # input[..., i] is sample input_base + i
         self.next_start = 0  # padded position of the next chunk to cut
         self.queue: list[tuple[int, int, np.ndarray]] = []  # (group, start, samples) awaiting a batch
+        self.in_flight: tuple[list[tuple[int, int]], Future[torch.Tensor]] | None = None  # the batch on the GPU: (group, start)s
         self.output = torch.zeros(groups, channels, 0)  # weighted sums; output[..., i] is padded position output_base + i
         self.weight = torch.zeros(0)
         self.output_base = 0
@@ -184,7 +201,9 @@ class StreamingSeparation:
         # Before the end is known, cut the chunks whose samples (and mirrored head) have all arrived.
         while self.received > self.border and self.next_start - self.border + self.chunk <= self.received:
             self._cut(np.abs(np.arange(self.next_start - self.border, self.next_start - self.border + self.chunk)))
-        return self._emit(upto=min([start for _, start, _ in self.queue] + [self.next_start]))
+        in_flight = self.in_flight[0] if self.in_flight else []
+        waiting = [start for _, start, _ in self.queue] + [start for _, start in in_flight]
+        return self._emit(upto=min(waiting + [self.next_start]))
 
     def finish(self) -> np.ndarray:
         if self.received == 0:
@@ -194,14 +213,20 @@ class StreamingSeparation:
             first = self.next_start - self.border
             self._cut(reflect_indices(np.arange(first, first + self.chunk), self.received))
         self._run_batch()
+        self._add_up(self.in_flight)
+        self.in_flight = None
         return self._emit(upto=self.border + self.received)
 
     def _cut(self, positions: np.ndarray) -> None:
         """Queue the chunk made of signal samples at `positions` for every group."""
-        in_head = positions < self.head.shape[-1]
-        samples = np.empty((self.groups, self.channels, self.chunk), np.float32)
-        samples[..., in_head] = self.head[..., positions[in_head]]
-        samples[..., ~in_head] = self.input[..., positions[~in_head] - self.input_base]
+        first = positions[0] - self.input_base
+        if positions[-1] - positions[0] == self.chunk - 1 and first >= 0 and first + self.chunk <= self.input.shape[-1]:
+            samples = self.input[..., first : first + self.chunk]  # a plain run of held samples: no gather
+        else:  # mirrored at a border
+            in_head = positions < self.head.shape[-1]
+            samples = np.empty((self.groups, self.channels, self.chunk), np.float32)
+            samples[..., in_head] = self.head[..., positions[in_head]]
+            samples[..., ~in_head] = self.input[..., positions[~in_head] - self.input_base]
         for g in range(self.groups):
             self.queue.append((g, self.next_start, samples[g]))
             if len(self.queue) == self.batch_size:
@@ -213,20 +238,30 @@ class StreamingSeparation:
             self.input, self.input_base = self.input[..., drop:], self.input_base + drop
 
     def _run_batch(self) -> None:
+        """Send the queued chunks to the network, then add up the batch sent before this one:
+        the GPU works on the new batch while the host sums the last (same order as sending)."""
         if not self.queue:
             return
-        estimate = self.run(np.stack([samples for _, _, samples in self.queue]))  # (batch, channels, chunk)
-        grow = self.queue[-1][1] + self.chunk - self.output_base - self.output.shape[-1]
+        batch = np.stack([samples for _, _, samples in self.queue])  # (batch, channels, chunk)
+        in_flight, self.in_flight = self.in_flight, ([(g, start) for g, start, _ in self.queue], self.run.submit(batch))
+        self.queue = []
+        self._add_up(in_flight)
+
+    def _add_up(self, in_flight: tuple[list[tuple[int, int]], Future[torch.Tensor]] | None) -> None:
+        if in_flight is None:
+            return
+        positions, pending = in_flight
+        estimate = pending.result()  # (batch, channels, chunk)
+        grow = positions[-1][1] + self.chunk - self.output_base - self.output.shape[-1]
         if grow > 0:
             self.output = torch.cat([self.output, torch.zeros(self.groups, self.channels, grow)], dim=-1)
             self.weight = torch.cat([self.weight, torch.zeros(grow)])
-        for (g, start, _), est in zip(self.queue, estimate):
+        for (g, start), est in zip(positions, estimate):
             at = start - self.output_base
             self.output[g, :, at : at + self.chunk] += est * self.window
             if g == 0:  # one weight window per chunk position, whatever the number of groups
                 self.weight[at : at + self.chunk] += self.window
-        self.done += len(self.queue)
-        self.queue = []
+        self.done += len(positions)
         if self.on_progress:
             self.on_progress(self.done, max(self.done, self.expected_jobs))
 

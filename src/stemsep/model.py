@@ -199,6 +199,17 @@ class BSRoformer(nn.Module):
         band_widths = [2 * bins * self.audio_channels for bins in freqs_per_bands]
         self.band_split = BandSplit(dim, band_widths)
         self.mask_estimators = nn.ModuleList([MaskEstimator(dim, band_widths, mask_estimator_depth, mlp_expansion_factor)])
+        # Tokens per slice of the transformers' input (None: all at once); see _by_slices.
+        self.slice_tokens: int | None = None
+
+    def _by_slices(self, transformer: Transformer, x: Tensor) -> Tensor:  # x: (sequences, n, dim)
+        """The transformer over groups of about `slice_tokens` tokens' worth of whole sequences:
+        each sequence is computed on its own, so this only bounds the size of the temporaries
+        (the feed-forward's 4x-wide hidden layer, q/k/v) at the cost of more, smaller products."""
+        if self.slice_tokens is None or x.shape[0] * x.shape[1] <= self.slice_tokens:
+            return transformer(x)
+        per_slice = max(1, self.slice_tokens // x.shape[1])
+        return torch.cat([transformer(part) for part in x.split(per_slice)])
 
     def _window(self, device: torch.device) -> Tensor:
         return torch.hann_window(self.win_length, periodic=True, device=device)
@@ -216,8 +227,8 @@ class BSRoformer(nn.Module):
 
         x = self.band_split(x)  # (b, frames, bands, dim)
         for time_transformer, freq_transformer in self.layers:
-            x = rearrange(time_transformer(rearrange(x, "b t f d -> (b f) t d")), "(b f) t d -> b t f d", b=b)
-            x = rearrange(freq_transformer(rearrange(x, "b t f d -> (b t) f d")), "(b t) f d -> b t f d", b=b)
+            x = rearrange(self._by_slices(time_transformer, rearrange(x, "b t f d -> (b f) t d")), "(b f) t d -> b t f d", b=b)
+            x = rearrange(self._by_slices(freq_transformer, rearrange(x, "b t f d -> (b t) f d")), "(b t) f d -> b t f d", b=b)
         x = self.final_norm(x)
 
         mask = self.mask_estimators[0](x)  # (b, frames, freqs*channels*2)

@@ -124,19 +124,20 @@ class Separator:
         if self.batch_size < 1:
             raise StemsepError(f"batch size must be at least 1, got {self.batch_size}")
         self.runner = BatchRunner(self.model, self.device, PRECISIONS[self.precision])
-        if compile:
-            self._compile()
+        self.compiled = compile and self._compile()
 
-    def _compile(self) -> None:
-        """torch.compile for one fixed batch shape, warmed up now so the first song pays nothing."""
+    def _compile(self) -> bool:
+        """torch.compile for one fixed batch shape, warmed up now so the first song pays nothing.
+        True if it compiled; False, with a warning, if it fell back to eager."""
         compiled = BatchRunner(torch.compile(self.model, dynamic=False), self.device, PRECISIONS[self.precision],
                                fixed_batch=self.batch_size)
         try:
             compiled(np.zeros((self.batch_size, 2, self.config.audio.chunk_size), np.float32))
         except Exception as exc:  # any compiler failure: eager is always correct
             warnings.warn(f"torch.compile failed, running eagerly: {str(exc).splitlines()[0][:200]}", stacklevel=3)
-            return
+            return False
         self.runner = compiled
+        return True
 
     @property
     def sample_rate(self) -> int:
