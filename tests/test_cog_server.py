@@ -27,7 +27,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from cogserver import REPO, cog_server, http
+from cogserver import REPO, cog_server, http, wait_for
 from stemsep.separator import CHECKPOINT_NAME, CONFIG_NAME, MAX_OVERLAP
 from stemsep.synthetic import TINY_MODEL, config_dict, make_model_files
 
@@ -77,16 +77,6 @@ def predictions(work: Path) -> list[Path]:
 def leftovers(work: Path) -> list[Path]:
     """Everything in the runner's work folder but the reference engine's model links."""
     return sorted(p for p in work.rglob("*") if "audio-separator-models" not in p.parts)
-
-
-def wait_for(predicate, timeout: float = WAIT, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 # local HTTP peers: input files, uploads, webhooks -------------------------------------------

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
+from cogserver import free_port, wait_for
 from stemsep.webhooks import WEBHOOK_PATH, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,22 +34,6 @@ OTHER_SECRET = "whsec_" + base64.b64encode(b"somebody-else's-secret-32-bytes!").
 VOCALS = b"RIFF-vocals-" + os.urandom(300_000)
 INSTRUMENTAL = b"RIFF-instrumental-" + os.urandom(300_000)
 TIMEOUT = 20.0
-
-
-def wait_for(predicate, timeout: float = TIMEOUT, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # a file server for the prediction outputs --------------------------------------------------
@@ -136,7 +120,7 @@ class Receiver:
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         try:
-            wait_for(lambda: self.process.poll() is not None or self._healthy(), what="the receiver to start")
+            wait_for(lambda: self.process.poll() is not None or self._healthy(), what="the receiver to start", timeout=TIMEOUT)
         except AssertionError:
             self.stop()
             raise
@@ -223,7 +207,7 @@ def deliveries(store: Path, pid: str) -> list[dict]:
 
 
 def wait_downloaded(store: Path, pid: str) -> dict:
-    rec = wait_for(lambda: (r := record(store, pid)) and r["download"] in ("done", "failed") and r, what=f"{pid}'s download")
+    rec = wait_for(lambda: (r := record(store, pid)) and r["download"] in ("done", "failed") and r, what=f"{pid}'s download", timeout=TIMEOUT)
     assert rec["download"] == "done", rec
     return rec
 
@@ -373,7 +357,7 @@ def test_a_download_that_keeps_failing_is_recorded_as_failed(receiver, files):
     pid = new_id()
     body = prediction(pid, output=files.output())
     assert receiver.post(body, signed(body)).status_code == 200
-    rec = wait_for(lambda: (r := record(receiver.store, pid)) and r["download"] == "failed" and r)
+    rec = wait_for(lambda: (r := record(receiver.store, pid)) and r["download"] == "failed" and r, timeout=TIMEOUT)
     assert "after 5 attempts (HTTP 503)" in rec["download_error"]
     assert files.hits["/out/vocals.wav"] == 5
     assert not (receiver.store / pid / "vocals.wav").exists()
@@ -395,7 +379,7 @@ def test_the_receiver_killed_after_acknowledging_resumes_on_restart(tmp_path, fi
     body = prediction(pid, output=files.output())
     with running(store) as receiver:
         assert receiver.post(body, signed(body)).status_code == 200
-        wait_for(lambda: list((store / pid).glob(".*.part")), what="a partial download")
+        wait_for(lambda: list((store / pid).glob(".*.part")), what="a partial download", timeout=TIMEOUT)
         receiver.kill()  # the process dies mid-write
     assert record(store, pid)["download"] == "pending"
     assert not list((store / pid).glob("*.wav"))  # nothing half-written under a final name
@@ -595,7 +579,7 @@ def test_cog_webhook_unsigned_is_refused_by_a_verifying_receiver(cog, tmp_path):
     store = tmp_path / "store"
     with running(store) as receiver:
         _predict_async(cog, "cogrefused1", receiver.url)
-        log = wait_for(lambda: "rejected a webhook delivery" in receiver.log.read_text() and receiver.log.read_text(),
+        log = wait_for(lambda: "rejected a webhook delivery" in receiver.log.read_text() and receiver.log.read_text(), timeout=TIMEOUT,
                        what="the receiver to reject Cog's unsigned webhook")
     assert "Missing required headers" in log
     assert record(store, "cogrefused1") is None
