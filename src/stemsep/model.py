@@ -123,8 +123,13 @@ class BandSplit(nn.Module):
         self.to_features = nn.ModuleList(nn.Sequential(RMSNorm(w), nn.Linear(w, dim)) for w in band_widths)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (b, t, sum(band_widths))
-        bands = x.split(self.band_widths, dim=-1)
-        return torch.stack([to_feature(band) for band, to_feature in zip(bands, self.to_features)], dim=-2)  # (b, t, bands, dim)
+        tokens = None  # (b, t, bands, dim), filled band by band: no list of bands held for a stack
+        for i, (band, to_feature) in enumerate(zip(x.split(self.band_widths, dim=-1), self.to_features)):
+            feature = to_feature(band)  # (b, t, dim)
+            if tokens is None:
+                tokens = feature.new_empty(*feature.shape[:-1], len(self.band_widths), feature.shape[-1])
+            tokens[..., i, :] = feature
+        return tokens
 
 
 def mlp(dim_in: int, dim_hidden: int, dim_out: int, depth: int) -> nn.Sequential:
@@ -143,12 +148,21 @@ class MaskEstimator(nn.Module):
 
     def __init__(self, dim: int, band_widths: Sequence[int], depth: int, expansion: int = 4):
         super().__init__()
+        self.widths = tuple(band_widths)
         self.to_freqs = nn.ModuleList(
             nn.Sequential(mlp(dim, dim * expansion, 2 * w, depth), nn.GLU(dim=-1)) for w in band_widths
         )
 
     def forward(self, x: Tensor) -> Tensor:  # x: (b, t, bands, dim)
-        return torch.cat([to_freq(band) for band, to_freq in zip(x.unbind(dim=-2), self.to_freqs)], dim=-1)  # (b, t, sum(band_widths))
+        out = None  # (b, t, sum(band_widths)), filled band by band: no list of bands held for a cat
+        start = 0
+        for band, to_freq in zip(x.unbind(dim=-2), self.to_freqs):
+            values = to_freq(band)  # (b, t, width)
+            if out is None:
+                out = values.new_empty(*values.shape[:-1], sum(self.widths))
+            out[..., start : start + values.shape[-1]] = values
+            start += values.shape[-1]
+        return out
 
 
 # the network ---------------------------------------------------------------------------------
@@ -209,7 +223,10 @@ class BSRoformer(nn.Module):
         if self.slice_tokens is None or x.shape[0] * x.shape[1] <= self.slice_tokens:
             return transformer(x)
         per_slice = max(1, self.slice_tokens // x.shape[1])
-        return torch.cat([transformer(part) for part in x.split(per_slice)])
+        out = torch.empty_like(x)  # filled slice by slice: no list of slices to concatenate
+        for part, into in zip(x.split(per_slice), out.split(per_slice)):
+            into.copy_(transformer(part))
+        return out
 
     def _window(self, device: torch.device) -> Tensor:
         return torch.hann_window(self.win_length, periodic=True, device=device)
@@ -232,6 +249,7 @@ class BSRoformer(nn.Module):
         x = self.final_norm(x)
 
         mask = self.mask_estimators[0](x)  # (b, frames, freqs*channels*2)
+        del x  # done with the tokens: free them before the iSTFT (peak memory)
         with torch.autocast(audio.device.type, enabled=False):
             mask = rearrange(mask.float(), "b t (f s c) -> (b s) f t c", s=channels, c=2)
             spec = spec * torch.view_as_complex(mask.contiguous())
