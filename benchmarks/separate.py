@@ -4,7 +4,7 @@ Same run, same input WAV, same checkpoint and yaml (random weights, seed 0), sam
 same `torch.set_num_threads`. Each tool runs in its own fresh Python process per repetition,
 as a user's command would: the worker imports the tool, loads the model (timed apart), then
 separates the file into WAV stems (timed: decode, network, overlap-add, encode), and reports
-its own peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`, read inside the worker after the work)
+its own peak RSS (VmHWM from /proc/self/status, read inside the worker after the work)
 and on CUDA `torch.cuda.max_memory_allocated`. No warm-up: each process separates once.
 
 - the input: stereo 44.1 kHz 16-bit, band-limited music-like content (harmonic chords, a
@@ -143,9 +143,12 @@ def model_files(preset: str) -> tuple[Path, Path]:
 # the worker: one tool, one separation, in a fresh process
 
 
-def _rss_now_mb() -> float:
+def _memory_mb(field: str) -> float:
+    """This process's VmRSS (now) or VmHWM (peak) from /proc/self/status. Not getrusage's
+    ru_maxrss: a spawned child's ru_maxrss starts at its parent's peak (Linux carries the
+    high-water mark across exec), so it would report this script's own memory as the tool's."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -158,7 +161,6 @@ def _cpu_s() -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import resource
     import time
 
     t0 = time.perf_counter()
@@ -191,7 +193,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.device == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_now_mb()
+    rss_after_load = _memory_mb("VmHWM"), _memory_mb("VmRSS")
     cpu_before = _cpu_s()
 
     if args.worker == "stemsep":
@@ -208,7 +210,7 @@ def worker(args: argparse.Namespace) -> None:
         "load_s": t2 - t1,
         "separate_s": t3 - t2,
         "separate_cpu_s": _cpu_s() - cpu_before,  # user + system, all threads (busy-waiting included)
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _memory_mb("VmHWM"),
         "peak_rss_after_load_mb": rss_after_load[0],
         "rss_after_load_mb": rss_after_load[1],
         "threads": torch.get_num_threads(),
@@ -398,7 +400,7 @@ def markdown(results: dict) -> str:
         "",
         f"Network: {results['network']}. Random weights, same checkpoint and yaml for both tools; each tool "
         "in its own fresh process per repetition; time = the separation call (decode, network, overlap-add, "
-        "WAV encode), median over reps; peak RSS = the worker's `ru_maxrss` (max over reps). "
+        "WAV encode), median over reps; peak RSS = the worker's VmHWM (max over reps). "
         "RTF = audio seconds / wall seconds. Written by `benchmarks/separate.py`.",
         "",
         "| audio | overlap | reps | stemsep time | audio-separator time | stemsep RTF | audio-separator RTF "

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from stemsep.checkpoint import load_config, load_model, load_state_dict
-from stemsep.cli import main
 from stemsep.errors import CheckpointError, ConfigError
 from stemsep.synthetic import TINY_MODEL, config_dict, make_model_files, write_config
 
