@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stemsep.inference import chunk_window, padded_chunk, plan_chunks, reflect_indices, separate_chunks
+from stemsep.inference import chunk_window, plan_chunks, separate_chunks
 
 
 class Gain(torch.nn.Module):
@@ -27,36 +27,67 @@ class ChunkMean(torch.nn.Module):
         return x + x.mean(dim=-1, keepdim=True)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(length=st.integers(1, 5000), chunk=st.integers(1, 700), overlap=st.integers(1, 16))
-def test_every_sample_is_covered_by_overlap_chunks_and_weights_never_vanish(length, chunk, overlap):
+def test_chunks_cover_every_sample_overlap_times_inside_the_signal_and_weights_never_vanish(length, chunk, overlap):
     plan = plan_chunks(length, chunk, overlap)
-    coverage = np.zeros(plan.padded_length, int)
-    weight = np.zeros(plan.padded_length)
-    window = chunk_window(plan).numpy()
-    for start in plan.starts():
-        coverage[start : start + chunk] += 1
-        weight[start : start + chunk] += window
-    real = slice(plan.border, plan.border + length)
-    assert (coverage[real] >= min(overlap, chunk)).all()
-    if chunk % plan.step == 0:
-        assert (coverage[real] == chunk // plan.step).all()
-    assert (weight[real] > 0).all()
+    starts = plan.starts()
+    assert len(starts) == plan.count and starts == sorted(set(starts))
+    assert starts[0] == 0 and starts[-1] + plan.chunk == length  # none hangs over either end
+    assert plan.chunk == min(chunk, length)
+    coverage = np.zeros(length, int)
+    weight = np.zeros(length)
+    for i, start in enumerate(starts):
+        coverage[start : start + plan.chunk] += 1
+        window = chunk_window(plan.chunk, plan.step, first=i == 0, last=i == len(starts) - 1).numpy()
+        weight[start : start + plan.chunk] += window
+    assert (weight > 0).all()
+    assert (coverage >= 1).all()
+    edge = max(0, plan.chunk - plan.step)  # within this of either end, fewer chunks can reach a sample
+    assert (coverage[edge : length - edge] >= plan.chunk // plan.step).all()
 
 
-def test_reflect_indices_mirror_like_numpy_even_for_short_signals():
-    for length in (1, 2, 3, 7):
-        x = np.arange(length)
-        for pad in (0, 1, 5, 23):
-            expected = np.pad(x, pad, mode="reflect") if length > 1 else np.full(length + 2 * pad, 0)
-            assert (x[reflect_indices(np.arange(-pad, length + pad), length)] == expected).all()
+def test_chunk_schedule_is_audio_separators():
+    """One chunk every step while a chunk fits before the end, then one flush with the end:
+    audio-separator 0.47.1's `_roformer_chunk_starts` for the same length, chunk and overlap."""
+    mdxc = pytest.importorskip("audio_separator.separator.architectures.mdxc_separator").MDXCSeparator
+    for length, chunk, overlap in [(1000, 100, 2), (1050, 100, 4), (100, 100, 4), (57, 100, 2), (352800 * 3 + 7, 352800, 4)]:
+        step = chunk // overlap
+        assert plan_chunks(length, chunk, overlap).starts() == mdxc._roformer_chunk_starts(length, chunk, step)
 
 
-def test_padded_chunk_slices_inside_and_reflects_at_borders():
-    signal = np.arange(20, dtype=np.float32)[None]
-    plan = plan_chunks(20, 8, 2)  # step 4, border 4
-    assert (padded_chunk(signal, plan, 0)[0] == [4, 3, 2, 1, 0, 1, 2, 3]).all()
-    assert (padded_chunk(signal, plan, 8)[0] == np.arange(4, 12)).all()
+def test_windows_taper_inside_and_hold_flat_at_the_signal_edges():
+    hann = torch.hann_window(8, periodic=True)
+    assert torch.equal(chunk_window(8, 4), hann)
+    assert torch.equal(chunk_window(8, 4, first=True), torch.cat([torch.ones(4), hann[4:]]))
+    assert torch.equal(chunk_window(8, 4, last=True), torch.cat([hann[:4], torch.ones(4)]))
+    assert torch.equal(chunk_window(8, 8), torch.ones(8))  # no overlap: flat
+    assert torch.equal(chunk_window(5, 4, first=True, last=True), torch.ones(5))  # a lone chunk
+
+
+class RecordsChunks(torch.nn.Module):
+    """The identity, remembering the shape of every batch it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return x
+
+
+def test_a_signal_shorter_than_a_chunk_is_one_chunk_of_its_own_length():
+    model = RecordsChunks()
+    signal = np.random.default_rng(0).standard_normal((2, 2, 333)).astype(np.float32)
+    out = separate_chunks(model, signal, chunk=1000, overlap=4, batch_size=4)
+    assert model.shapes == [(2, 2, 333)] and np.array_equal(out, signal)
+
+
+def test_the_network_runs_as_many_chunks_as_audio_separator():
+    model = RecordsChunks()
+    separate_chunks(model, np.zeros((1, 2, 10_000), np.float32), chunk=1000, overlap=4, batch_size=1)
+    assert len(model.shapes) == plan_chunks(10_000, 1000, 4).count == 37  # ceil((10000 - 1000) / 250) + 1
 
 
 @pytest.mark.parametrize("overlap", [1, 2, 4, 8])

@@ -129,10 +129,11 @@ class Separator:
     def _compile(self) -> bool:
         """torch.compile for one fixed batch shape, warmed up now so the first song pays nothing.
         True if it compiled; False, with a warning, if it fell back to eager."""
-        compiled = BatchRunner(torch.compile(self.model, dynamic=False), self.device, PRECISIONS[self.precision],
-                               fixed_batch=self.batch_size)
+        shape = (self.batch_size, 2, self.config.audio.chunk_size)
+        compiled = BatchRunner(self.model, self.device, PRECISIONS[self.precision],
+                               compiled=torch.compile(self.model, dynamic=False), compiled_shape=shape)
         try:
-            compiled(np.zeros((self.batch_size, 2, self.config.audio.chunk_size), np.float32))
+            compiled(np.zeros(shape, np.float32))
         except Exception as exc:  # any compiler failure: eager is always correct
             warnings.warn(f"torch.compile failed, running eagerly: {str(exc).splitlines()[0][:200]}", stacklevel=3)
             return False
