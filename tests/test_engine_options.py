@@ -78,6 +78,28 @@ def test_a_compile_failure_falls_back_to_eager_with_a_warning(files, reference, 
     assert np.abs(separator.separate_array(mix, 44100)["vocals"] - fp32).max() < 1e-6
 
 
+class Recorder(torch.nn.Module):
+    """The identity times `gain`, remembering the shape of every batch it was given."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.gain, self.shapes = gain, []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return x * self.gain
+
+
+def test_the_compiled_network_sees_only_its_shape_and_other_lengths_run_eagerly():
+    eager, compiled = Recorder(1.0), Recorder(2.0)
+    runner = BatchRunner(eager, compiled=compiled, compiled_shape=(4, 2, 256))
+    full = np.ones((3, 2, 256), np.float32)  # a last, short batch of full chunks: padded to the shape
+    assert torch.equal(runner(full), 2 * torch.from_numpy(full))
+    short = np.ones((1, 2, 100), np.float32)  # a song shorter than one chunk
+    assert torch.equal(runner(short), torch.from_numpy(short))
+    assert compiled.shapes == [(4, 2, 256)] and eager.shapes == [(1, 2, 100)]
+
+
 class RunsOutOfMemoryAbove(torch.nn.Module):
     """Raises CUDA's out-of-memory error for batches above `limit`, like a GPU that is too small."""
 
