@@ -89,7 +89,8 @@ def named_input(audio: FilePath, folder: FilePath, name: str) -> FilePath:
 
 def use_compile(device: str) -> bool:
     """$STEMSEP_COMPILE: "auto" (the default) compiles on a GPU, where torch.compile makes the
-    network about 1.9x faster for about 20 s of setup on an H100; "1"/"0" force it."""
+    network about 1.9x faster for about 100 s of setup on an H100 (measured: 101.8 s,
+    benchmarks/results/cog_predict_cuda.json); "1"/"0" force it."""
     choice = os.environ.get("STEMSEP_COMPILE", "auto").strip().lower()
     if choice == "auto":
         return resolve_device(device).type == "cuda"
