@@ -232,14 +232,15 @@ class BSRoformer(nn.Module):
     def _by_slices(self, transformer: Transformer, x: Tensor) -> Tensor:  # x: (sequences, n, dim)
         """The transformer over groups of about `slice_tokens` tokens' worth of whole sequences:
         each sequence is computed on its own, so this only bounds the size of the temporaries
-        (the feed-forward's 4x-wide hidden layer, q/k/v) at the cost of more, smaller products."""
+        (the feed-forward's 4x-wide hidden layer, q/k/v) at the cost of more, smaller products.
+        Sliced, each group's output overwrites its input in `x` (a tensor of the forward's own,
+        never read again), so no second token-sized tensor is held (100 MB per chunk for 1297)."""
         if self.slice_tokens is None or x.shape[0] * x.shape[1] <= self.slice_tokens:
             return transformer(x)
         per_slice = max(1, self.slice_tokens // x.shape[1])
-        out = torch.empty_like(x)  # filled slice by slice: no list of slices to concatenate
-        for part, into in zip(x.split(per_slice), out.split(per_slice)):
-            into.copy_(transformer(part))
-        return out
+        for part in x.split(per_slice):
+            part.copy_(transformer(part))
+        return x
 
     def forward(self, audio: Tensor) -> Tensor:  # audio: (b, channels, samples), float32
         b, channels, samples = audio.shape
