@@ -1,18 +1,21 @@
-"""The network alone, full 1297 shapes: stemsep's vs audio-separator's `BSRoformer`. Not a test.
+"""The network alone: stemsep's vs audio-separator's `BSRoformer`. Not a test.
 
-Same process, same random weights, same 8-s chunks of noise-like audio. Reports:
+Same process, same random weights, same 8-s chunks of noise-like audio; full 1297 shapes,
+or with `--config-preset cpu` the reduced network of `separate.py`'s CPU runs. Reports:
 
 - parity: the largest difference between the two networks' fp32 outputs;
 - precision: SNR of stemsep's bf16 and fp16 autocast outputs against its fp32 output;
-- speed: the reference in fp32 at batch 1 (what audio-separator runs), stemsep in fp32 at
-  batch 1, and on a GPU stemsep in bf16 over `--batches` (and compiled, with `--compile`);
-  median of `--reps` timed runs after a warm-up, in seconds per chunk;
+- speed: the reference in fp32 at batch 1 (what audio-separator runs) and stemsep in fp32 at
+  batch 1, timed in turns (reference, stemsep, reference, ...) so that a machine whose speed
+  drifts slows both alike; on a GPU also stemsep in bf16 over `--batches` (and compiled,
+  with `--compile`); median of `--reps` timed runs after a warm-up, in seconds per chunk;
 - on a GPU, model FLOP utilization: the FLOP count of `stemsep.flops` (checked against
   torch's FlopCounterMode in the tests) over the time, against the GPU's datasheet dense
   peak and against a bf16 matrix product measured here;
 - peak RSS (and peak GPU memory).
 
-    .venv/bin/python benchmarks/model_forward.py --reps 3 --out benchmarks/results/model_forward_cpu.json
+    .venv/bin/python benchmarks/model_forward.py --config-preset cpu --reps 8 --out benchmarks/results/model_forward_cpu.json
+    .venv/bin/python benchmarks/model_forward.py --reps 1 --out benchmarks/results/model_forward_cpu_full.json   # ~15 min
     python benchmarks/model_forward.py --device cuda --batches 1,4,8,16 --compile --out benchmarks/results/model_forward_cuda.json
 """
 
@@ -33,7 +36,9 @@ import yaml
 
 from stemsep.checkpoint import _ConfigLoader, load_config, load_model
 from stemsep.flops import datasheet_peak_tflops, flops_per_chunk
-from stemsep.synthetic import CONFIG_1297, write_checkpoint, write_config
+from stemsep.synthetic import CONFIG_1297, config_dict, write_checkpoint, write_config
+from separate import PRESETS  # this folder's end-to-end benchmark: the same network sizes
+
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -44,18 +49,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(model, audio, reps, device, autocast_dtype=None) -> tuple[float, list[float]]:
+def timed(models, audio, reps, device, autocast_dtype=None) -> list[tuple[float, list[float]]]:
+    """(median, runs) per model, the models timed in turns, after one warm-up run each."""
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode(), amp:
         for i in range(reps + 1):
-            sync(device)
-            t = time.perf_counter()
-            model(audio)
-            sync(device)
-            if i:  # the first run is a warm-up
-                times.append(time.perf_counter() - t)
-    return statistics.median(times), times
+            for model, runs in zip(models, times):
+                sync(device)
+                t = time.perf_counter()
+                model(audio)
+                sync(device)
+                if i:  # the first round is a warm-up
+                    runs.append(time.perf_counter() - t)
+    return [(statistics.median(runs), runs) for runs in times]
 
 
 def output(model, audio, device, autocast_dtype=None) -> torch.Tensor:
@@ -103,6 +110,7 @@ def profile_forward(model, audio: torch.Tensor, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--config-preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", default="1", help="comma-separated batch sizes for stemsep's bf16 timings (GPU)")
     parser.add_argument("--compile", action="store_true", help="also time stemsep compiled (bf16, largest batch)")
@@ -113,7 +121,7 @@ def main() -> None:
     from audio_separator.separator.uvr_lib_v5.roformer.bs_roformer import BSRoformer as Reference
 
     with tempfile.TemporaryDirectory() as tmp:
-        config_path = write_config(Path(tmp) / "model.yaml", CONFIG_1297)
+        config_path = write_config(Path(tmp) / "model.yaml", config_dict(model=PRESETS[args.config_preset]))
         torch.manual_seed(0)
         reference = Reference(**yaml.load(config_path.read_text(), Loader=_ConfigLoader)["model"]).eval()
         ours = load_model(write_checkpoint(Path(tmp) / "model.ckpt", reference.state_dict()), config_path, device)
@@ -123,6 +131,9 @@ def main() -> None:
     audio = 0.1 * torch.randn(1, 2, chunk, device=device)
 
     results: dict = {
+        "config_preset": args.config_preset,
+        "network": {k: v for k, v in {**CONFIG_1297["model"], **PRESETS[args.config_preset]}.items()
+                    if k in ("dim", "depth", "heads", "dim_head")},
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "chunk_seconds": chunk / CONFIG_1297["audio"]["sample_rate"],
@@ -137,24 +148,25 @@ def main() -> None:
 
     timings: list[dict] = []
 
-    def record(label: str, model, batch: int, dtype=None) -> None:
-        seconds, runs = timed(model, audio.expand(batch, -1, -1).contiguous(), args.reps, device, dtype)
-        row = {"run": label, "batch": batch, "seconds_per_forward": seconds, "seconds_per_chunk": seconds / batch,
-               "tflops": flops * batch / seconds / 1e12, "runs": runs}
-        timings.append(row)
-        print(f"{label:<32} batch {batch:>2}: {seconds / batch:.4f} s per chunk, {row['tflops']:.1f} TFLOP/s", flush=True)
+    def record(runs: dict[str, object], batch: int, dtype=None) -> None:
+        """Time the models of `runs` (label -> model) in turns; one row each."""
+        measured = timed(list(runs.values()), audio.expand(batch, -1, -1).contiguous(), args.reps, device, dtype)
+        for label, (seconds, times) in zip(runs, measured):
+            row = {"run": label, "batch": batch, "seconds_per_forward": seconds, "seconds_per_chunk": seconds / batch,
+                   "tflops": flops * batch / seconds / 1e12, "runs": times}
+            timings.append(row)
+            print(f"{label:<32} batch {batch:>2}: {seconds / batch:.4f} s per chunk, {row['tflops']:.1f} TFLOP/s", flush=True)
 
-    record("audio-separator fp32", reference, 1)
-    record("stemsep fp32", ours, 1)
+    record({"audio-separator fp32": reference, "stemsep fp32": ours}, 1)
     if device.type == "cuda":
         del reference
         torch.cuda.empty_cache()
         batches = [int(b) for b in args.batches.split(",")]
         for batch in batches:
-            record("stemsep bf16", ours, batch, torch.bfloat16)
+            record({"stemsep bf16": ours}, batch, torch.bfloat16)
         if args.compile:
             compiled = torch.compile(ours, dynamic=False)
-            record("stemsep bf16 compiled", compiled, max(batches), torch.bfloat16)
+            record({"stemsep bf16 compiled": compiled}, max(batches), torch.bfloat16)
             results["snr_bf16_compiled_vs_fp32_db"] = snr_db(fp32, output(compiled, audio.expand(max(batches), -1, -1).contiguous(), device, torch.bfloat16)[:1])
         if args.profile:
             best = compiled if args.compile else ours
