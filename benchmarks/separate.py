@@ -11,7 +11,8 @@ and on CUDA `torch.cuda.max_memory_allocated`. No warm-up: each process separate
   vibrato "voice", band-pass-noise drums; deterministic), peak 0.5 so audio-separator's
   0.9 peak normalization leaves it unchanged.
 - `--config-preset cpu`: the real 1297 STFT, band layout and 8-s chunks with a reduced
-  network (dim 128, depth 2, heads 8, dim_head 16); `full`: the 1297 config (for a GPU).
+  network (dim 128, depth 2, heads 8, dim_head 16); `depth1`: 1297's layer sizes at depth 1
+  (of 12); `full`: the 1297 config (for a GPU).
 - audio-separator gets `mdxc_params` pinning its chunk to the config's (segment_size =
   inference.dim_t = chunk / hop + 1 = 801), else it picks a longer chunk for short files.
 - apples to apples: the SDR between the two tools' vocals is computed and reported.
@@ -50,6 +51,7 @@ TOOLS = ("stemsep", "audio-separator")
 # Network sizes; the STFT, band layout and 8-s chunk are the 1297 config's in both.
 PRESETS = {
     "cpu": {"dim": 128, "depth": 2, "heads": 8, "dim_head": 16},  # as measured in REFERENCE.md
+    "depth1": {"depth": 1},  # 1297's layers at full width, one of its twelve: minutes on a CPU
     "full": {},
 }
 
