@@ -1,14 +1,39 @@
-"""Config parsing and checkpoint loading: the real yaml parses, every bad file gets one clear sentence."""
+"""Config parsing and checkpoint loading: the real yaml parses, the architecture and stem
+names come from the config, wrapped checkpoints load, every bad file gets one clear sentence."""
 
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from stemsep.checkpoint import load_config, load_model, load_state_dict
+from stemsep.checkpoint import (
+    _CONFORMER_KEYS,
+    _UNSUPPORTED_MODEL_KEYS,
+    IGNORED_MODEL_KEYS,
+    _ConfigLoader,
+    complement_name,
+    load_config,
+    load_model,
+    load_state_dict,
+)
 from stemsep.errors import CheckpointError, ConfigError
-from stemsep.synthetic import TINY_MODEL, config_dict, make_model_files, write_config
+from stemsep.model import (
+    BSRoformer,
+    BSRoformerConfig,
+    MelBandRoformer,
+    MelBandRoformerConfig,
+)
+from stemsep.testing import (
+    CONFIG_KIM_MEL_BAND,
+    TINY_MODEL,
+    config_dict,
+    make_model_files,
+    write_config,
+)
 
-REAL_CONFIG = "../shared/configs/model_bs_roformer_ep_317_sdr_12.9755.msst.yaml"
+REAL_CONFIG = Path(__file__).parent / "data" / "model_bs_roformer_ep_317_sdr_12.9755.yaml"
 
 
 @pytest.fixture
@@ -24,6 +49,8 @@ def test_real_1297_yaml_parses_with_its_python_tuple_tags():
     assert (config.model.stft_hop_length, config.model.stft_n_fft) == (441, 2048)
     assert config.training.target_instrument == "vocals"
     assert (config.inference.num_overlap, config.inference.batch_size) == (2, 4)  # ZFTurbo's copy
+    assert isinstance(config.model, BSRoformerConfig)
+    assert config.network_stems == ("vocals",) and config.complement_stem == "instrumental"
 
 
 def test_yaml_loader_stays_safe(tmp_path):
@@ -49,8 +76,23 @@ def test_unknown_keys_are_tolerated_and_missing_inference_defaults(tmp_path):
         (lambda c: c.pop("audio"), r"c.yaml: missing section 'audio'"),
         (lambda c: c["model"].update(dim="big"), r"c.yaml: model.dim should be int, got 'big'"),
         (lambda c: c["model"].update(freqs_per_bands=[2, 2]), r"freqs_per_bands sum to 4 but an STFT of 2048 has 1025 bins"),
-        (lambda c: c["training"].update(target_instrument="drums"), r"stemsep needs a vocals model"),
-        (lambda c: c["model"].update(num_stems=2), r"num_stems is 2"),
+        (lambda c: c["model"].update(stereo="yes"), r"c.yaml: model.stereo should be bool, got 'yes'"),
+        (lambda c: c["model"].update(freqs_per_bands=[2, "x"]), r"model.freqs_per_bands should be a list of ints"),
+        (lambda c: c["training"].update(target_instrument=3), r"training.target_instrument should be str or null, got 3"),
+        (lambda c: c["model"].update(dim=0), r"c.yaml: model.dim must be at least 1, got 0"),
+        (lambda c: c["model"].update(stft_win_length=4096), r"stft_win_length 4096 is longer than stft_n_fft 2048"),
+        (lambda c: c["model"].update(num_stems=2), r"num_stems is 2 but a model with a target_instrument predicts one stem"),
+        (lambda c: c["training"].update(target_instrument=None), r"num_stems is 1 but training.instruments names 2 stems"),
+        (lambda c: c["training"].update(target_instrument=None, instruments=["vocals"]), r"names fewer than 2 stems"),
+        (lambda c: c["training"].update(instruments=["Vocals", "vocals"]), r"names a stem twice"),
+        (lambda c: c["model"].update(linear_transformer_depth=1), r"model.linear_transformer_depth 1 asks for linear-attention"),
+        (lambda c: c["model"].update(skip_connection=True), r"model.skip_connection True asks for MSST's sums"),
+        (lambda c: c["model"].update(use_shared_bias=True), r"model.use_shared_bias True asks for"),
+        (lambda c: c["model"].update(time_conformer_depth=1), r"model.time_conformer_depth belongs to a Conformer model"),
+        (lambda c: c.update(model_type="htdemucs"), r"model_type 'htdemucs' is not one stemsep runs"),
+        (lambda c: c.update(model_type="mel_band_roformer"), r"model_type is mel_band_roformer but the model section has freqs_per_bands"),
+        (lambda c: c["model"].pop("freqs_per_bands"), r"cannot tell the architecture: the model section has neither"),
+        (lambda c: c["model"].update(num_bands=60), r"cannot tell the architecture: the model section has both"),
     ],
 )
 def test_bad_config_gives_one_sentence_naming_the_file(tmp_path, mutate, message):
@@ -73,7 +115,7 @@ def test_good_checkpoint_loads_in_eval_mode_without_grad(tiny):
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
     out = model(torch.zeros(1, 2, 4410))
-    assert out.shape == (1, 2, 4410)
+    assert out.shape == (1, 1, 2, 4410)  # (batch, stems, channels, samples)
 
 
 def test_missing_checkpoint(tiny, tmp_path):
@@ -118,10 +160,129 @@ def test_pickle_that_is_not_a_state_dict(tmp_path, obj):
         load_state_dict(path)
 
 
-def test_lightning_style_wrapper_is_unwrapped(tiny, tmp_path):
+WRAPPERS = {
+    "state_dict": lambda state: {"state_dict": state, "epoch": 317},
+    "model": lambda state: {"model": state, "optimizer": {"lr": torch.tensor(1e-5)}},
+    "module.": lambda state: {f"module.{k}": v for k, v in state.items()},
+    "state_dict + module.": lambda state: {"state_dict": {f"module.{k}": v for k, v in state.items()}},
+}
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+@pytest.mark.parametrize("base", [None, CONFIG_KIM_MEL_BAND], ids=["bs", "mel"])
+def test_wrapped_checkpoints_load_strictly_and_match_the_reference(tmp_path, wrapper, base):
+    """Saved by Lightning, by MSST (`model`), under DataParallel (`module.`): same network as bare."""
+    reference = pytest.importorskip("audio_separator.separator.uvr_lib_v5.roformer.mel_band_roformer" if base else
+                                    "audio_separator.separator.uvr_lib_v5.roformer.bs_roformer")
+    config = config_dict(model=TINY_MODEL, **({"base": base} if base else {}))
+    config_path = write_config(tmp_path / "model.yaml", config)
+    torch.manual_seed(0)
+    raw = yaml.load(config_path.read_text(), Loader=_ConfigLoader)["model"]
+    ref = (reference.MelBandRoformer if base else reference.BSRoformer)(**raw).eval()
     path = tmp_path / "wrapped.ckpt"
-    torch.save({"state_dict": torch.load(tiny[0], weights_only=True), "epoch": 317}, path)
-    load_model(path, tiny[1])
+    torch.save(WRAPPERS[wrapper](ref.state_dict()), path)
+    model = load_model(path, config_path)
+    assert isinstance(model, MelBandRoformer if base else BSRoformer)
+    audio = 0.5 * torch.randn(1, 2, 441 * 20, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected, actual = ref(audio)[:, None], model(audio)
+    error = (expected - actual).abs().max().item()
+    print(f"{wrapper} ({'mel' if base else 'bs'}): max abs error {error:.2e} of peak {expected.abs().max().item():.2f}")
+    assert error <= 1e-5 * expected.abs().max().item()
+
+
+def test_a_partial_module_prefix_is_not_stripped(tiny, tmp_path):
+    state = torch.load(tiny[0], weights_only=True)
+    first = next(iter(state))
+    state[f"module.{first}"] = state.pop(first)
+    path = tmp_path / "partial.ckpt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"1 parameter\(s\) missing .*; 1 unexpected \(e.g. module\."):
+        load_model(path, tiny[1])
+
+
+# architecture and stems ----------------------------------------------------------------------
+
+
+def test_architecture_from_band_key_or_model_type(tmp_path):
+    mel = load_config(write_config(tmp_path / "mel.yaml", config_dict(model=TINY_MODEL, base=CONFIG_KIM_MEL_BAND)))
+    assert type(mel.model) is MelBandRoformerConfig and mel.model.num_bands == 60
+    named = {**config_dict(model=TINY_MODEL), "model_type": "bs_roformer"}
+    assert type(load_config(write_config(tmp_path / "bs.yaml", named)).model) is BSRoformerConfig
+    # MSST itself reads it from `training`
+    in_training = config_dict(model=TINY_MODEL, base=CONFIG_KIM_MEL_BAND)
+    in_training["training"]["model_type"] = "mel_band_roformer"
+    assert type(load_config(write_config(tmp_path / "t.yaml", in_training)).model) is MelBandRoformerConfig
+
+
+def test_mel_band_defaults_where_the_yaml_is_silent(tmp_path):
+    raw = config_dict(model=TINY_MODEL, base=CONFIG_KIM_MEL_BAND)
+    for key in ("mask_estimator_depth", "sample_rate", "stereo", "time_transformer_depth"):
+        del raw["model"][key]
+    model = load_config(write_config(tmp_path / "m.yaml", raw)).model
+    assert (model.mask_estimator_depth, model.sample_rate, model.stereo, model.time_transformer_depth) == (1, 44100, False, 2)
+
+
+def test_too_many_mel_bands_for_the_stft_is_a_config_error(tmp_path):
+    raw = config_dict(model={**TINY_MODEL, "num_bands": 60, "stft_n_fft": 256, "stft_win_length": 256},
+                      audio={"chunk_size": 1024}, base=CONFIG_KIM_MEL_BAND)
+    with pytest.raises(ConfigError, match=r"c.yaml: model.num_bands 60 does not fit the STFT: mel band \d+ of 60 gets no STFT bin"):
+        load_config(write_config(tmp_path / "c.yaml", raw))
+
+
+@pytest.mark.parametrize(
+    "instruments, target, num_stems, stems, complement",
+    [
+        (["Vocals", "Instrumental"], "Vocals", 1, ("vocals",), "instrumental"),
+        (["vocals", "other"], "vocals", 1, ("vocals",), "instrumental"),
+        (["other", "vocals"], "other", 1, ("other",), "vocals"),
+        (["Instrumental", "Vocals"], "Instrumental", 1, ("instrumental",), "vocals"),
+        (["noreverb", "reverb"], "noreverb", 1, ("noreverb",), "reverb"),
+        (["vocals", "bass", "drums", "other"], "drums", 1, ("drums",), "no_drums"),
+        (["dry"], "dry", 1, ("dry",), "no_dry"),
+        (["Drums", "Bass", "Other", "Vocals"], None, 4, ("drums", "bass", "other", "vocals"), None),
+        (["Vocals", "Instrumental"], None, 2, ("vocals", "instrumental"), None),
+    ],
+)
+def test_stem_names_come_from_the_config(tmp_path, instruments, target, num_stems, stems, complement):
+    raw = config_dict(model={**TINY_MODEL, "num_stems": num_stems},
+                      training={"instruments": instruments, "target_instrument": target})
+    config = load_config(write_config(tmp_path / "c.yaml", raw))
+    assert config.network_stems == stems and config.complement_stem == complement
+
+
+def test_complement_name_rule():
+    assert complement_name("Vocals", ["vocals", "other"]) == "instrumental"
+    assert complement_name("instrumental", []) == "vocals"
+    assert complement_name("crowd", ["crowd", "other"]) == "other"
+    assert complement_name("bass", ["vocals", "bass", "drums"]) == "no_bass"
+
+
+# Every model key of the published RoFormer configs (ZFTurbo's MSST configs/, MSST-WebUI's
+# configs_backup/, June 2026): each is an option we implement, one we ignore (no effect at
+# inference) or one we refuse unless set to what we run.
+PUBLISHED_MODEL_KEYS = """
+attn_dropout conv_dropout conv_expansion_factor conv_kernel_size depth dim dim_freqs_in dim_head ff_dropout ff_mult
+flash_attn freq_conformer_depth freq_transformer_depth freqs_per_bands heads linear_transformer_depth
+mask_estimator_depth match_input_audio_length mlp_expansion_factor multi_stft_hop_size multi_stft_normalized
+multi_stft_resolution_loss_weight multi_stft_resolutions_window_sizes num_bands num_stems sage_attention sample_rate
+skip_connection stereo stft_hop_length stft_n_fft stft_normalized stft_win_length time_conformer_depth
+time_transformer_depth use_torch_checkpoint
+""".split()
+
+
+def test_every_published_model_key_is_implemented_ignored_or_refused():
+    implemented = {f.name for cls in (BSRoformerConfig, MelBandRoformerConfig) for f in fields(cls)}
+    conformer_only = {"conv_dropout", "conv_expansion_factor", "ff_mult"}  # beside a _CONFORMER_KEYS key in those configs
+    known = implemented | IGNORED_MODEL_KEYS | set(_UNSUPPORTED_MODEL_KEYS) | set(_CONFORMER_KEYS) | conformer_only
+    assert set(PUBLISHED_MODEL_KEYS) <= known
+    assert not implemented & (IGNORED_MODEL_KEYS | set(_UNSUPPORTED_MODEL_KEYS))
+
+
+def test_ignored_keys_load_with_any_value(tmp_path):
+    model = {**TINY_MODEL, "zero_dc": True, "sage_attention": True, "flash_attn": False, "use_torch_checkpoint": True,
+             "match_input_audio_length": True, "skip_connection": False, "linear_transformer_depth": 0}
+    load_config(write_config(tmp_path / "c.yaml", config_dict(model=model)))
 
 
 def test_state_dict_of_another_architecture(tiny, tmp_path):

@@ -1,18 +1,24 @@
-"""Model config and checkpoint loading: yaml -> :class:`Config`, state dict -> :class:`BSRoformer`.
+"""Model config and checkpoint loading: yaml -> :class:`Config`, state dict -> network.
 
 The config is the yaml schema of ZFTurbo's Music-Source-Separation-Training and
-audio-separator (sections `audio`, `model`, `training`, `inference`); unknown keys are
-tolerated. Checkpoints are plain state dicts read with ``torch.load(weights_only=True)``
-and loaded strictly. Every failure is a :class:`ConfigError` or :class:`CheckpointError`
-whose message names the file and the problem.
+audio-separator (sections `audio`, `model`, `training`, `inference`). The architecture is
+MSST's `model_type` where the yaml names it (at the top level, or in `training` where MSST
+reads it), else told by the `model` section's band key: `freqs_per_bands` for BS-RoFormer,
+`num_bands` for MelBand-RoFormer. Keys stemsep has no use for are tolerated, except model
+keys that would change the network (see `_UNSUPPORTED_MODEL_KEYS`). Checkpoints are state
+dicts read with ``torch.load(weights_only=True)``, bare or wrapped (`state_dict`, `model`,
+a `module.` prefix), and loaded strictly. Every failure is a :class:`ConfigError` or
+:class:`CheckpointError` whose message names the file and the problem.
 """
 
 from __future__ import annotations
 
 import pickle
+import types
+import typing
 import zipfile
-from collections.abc import Mapping
-from dataclasses import MISSING, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +26,62 @@ import torch
 import yaml
 
 from stemsep.errors import CheckpointError, ConfigError
-from stemsep.model import BSRoformer
+from stemsep.model import (
+    BSRoformerConfig,
+    MelBandRoformerConfig,
+    Roformer,
+    build_network,
+    mel_bands,
+)
+
+ModelConfig = BSRoformerConfig | MelBandRoformerConfig
+ARCHITECTURES: dict[str, type[ModelConfig]] = {c.model_type: c for c in (BSRoformerConfig, MelBandRoformerConfig)}
+_BAND_KEYS = {BSRoformerConfig: "freqs_per_bands", MelBandRoformerConfig: "num_bands"}  # tells the architecture
+
+# Model keys of the RoFormer implementations whose yamls stemsep reads (audio-separator
+# 0.47.1, ZFTurbo's MSST, MSST-WebUI) that would change the network when set otherwise: the
+# value stemsep runs, and what another value asks for. Refused with a ConfigError.
+_UNSUPPORTED_MODEL_KEYS: dict[str, tuple[Any, str]] = {
+    "linear_transformer_depth": (0, "linear-attention transformers, which no published RoFormer config uses"),
+    "skip_connection": (False, "MSST's sums of earlier layers' outputs (audio-separator ignores the key)"),
+    "use_pope": (False, "MSST's PoPE position embeddings"),
+    "use_value_residual_learning": (False, "MSST's experimental value residuals"),
+    "num_residual_streams": (1, "MSST's experimental hyper-connections"),
+    "use_shared_bias": (False, "MSST-WebUI's shared attention biases"),
+    "use_mask_estimator_hyper_ace": (False, "MSST-WebUI's HyperACE mask estimators"),
+    "use_mask_estimator_fno": (False, "MSST-WebUI's FNO mask estimators"),
+    "hyperace_version": (None, "MSST-WebUI's HyperACE mask estimators"),
+    "ff_mult": (4, "feed-forward layers of another width than 4 x dim"),
+    "fmin": (0, "mel bands from another lowest frequency than 0 Hz"),
+    "fmax": (None, "mel bands up to another frequency than half the sample rate"),
+    "mel_scale": ("slaney", "mel bands on another mel scale than Slaney's"),
+    "norm": (None, "another normalization than RMSNorm"),
+}
+# MSST's BS/MelBand-Conformer share the band keys but not the network.
+_CONFORMER_KEYS = ("time_conformer_depth", "freq_conformer_depth", "linear_conformer_depth", "conv_kernel_size")
+
+# Model keys accepted whatever their value: they change nothing at inference, here as in
+# audio-separator's classes, which stemsep matches output for output.
+IGNORED_MODEL_KEYS = frozenset(
+    {
+        "attn_dropout",  # training only
+        "ff_dropout",  # training only
+        "flash_attn",  # which attention kernel; the same attention
+        "sage_attention",  # SageAttention's quantized kernel (MSST-WebUI); stemsep computes exact attention
+        "use_torch_checkpoint",  # gradient checkpointing, training only
+        # MSST zeroes the STFT's DC bin before its iSTFT when true (its default); audio-separator
+        # and MSST-WebUI never do, and neither does stemsep (parity with audio-separator).
+        "zero_dc",
+        "match_input_audio_length",  # output length only: stemsep always returns the input's length
+        "dim_freqs_in",  # stored by the reference classes, never used
+        "stft_window_fn",  # a Python callable, never in a yaml; the window is Hann
+        "multi_stft_resolution_loss_weight",  # the training loss, from here on
+        "multi_stft_resolutions_window_sizes",
+        "multi_stft_hop_size",
+        "multi_stft_normalized",
+        "multi_stft_window_fn",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -28,26 +89,6 @@ class AudioConfig:
     sample_rate: int
     chunk_size: int  # samples per chunk at sample_rate (352800 = 8 s for 1297)
     num_channels: int = 2
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    dim: int
-    depth: int
-    freqs_per_bands: tuple[int, ...]
-    stereo: bool = False
-    num_stems: int = 1
-    time_transformer_depth: int = 2
-    freq_transformer_depth: int = 2
-    linear_transformer_depth: int = 0
-    dim_head: int = 64
-    heads: int = 8
-    stft_n_fft: int = 2048
-    stft_hop_length: int = 512
-    stft_win_length: int = 2048
-    stft_normalized: bool = False
-    mask_estimator_depth: int = 2
-    mlp_expansion_factor: int = 4
 
 
 @dataclass(frozen=True)
@@ -62,6 +103,21 @@ class InferenceConfig:
     batch_size: int = 1
 
 
+# A single target's complement (the mix minus the target) by the target's name.
+COMPLEMENTS = {"vocals": "instrumental", "instrumental": "vocals"}
+
+
+def complement_name(target: str, instruments: Sequence[str]) -> str:
+    """The name of what is left of the mix without `target`: from :data:`COMPLEMENTS`
+    (vocals <-> instrumental), else the one other name in `instruments`, else
+    ``no_<target>``. Names are compared and returned lowercased."""
+    target = target.lower()
+    if target in COMPLEMENTS:
+        return COMPLEMENTS[target]
+    others = [name.lower() for name in instruments if name.lower() != target]
+    return others[0] if len(others) == 1 else f"no_{target}"
+
+
 @dataclass(frozen=True)
 class Config:
     audio: AudioConfig
@@ -70,25 +126,19 @@ class Config:
     inference: InferenceConfig
     path: Path
 
-    def network_kwargs(self) -> dict[str, Any]:
-        """Arguments for :class:`BSRoformer` (the model options it implements)."""
-        m = self.model
-        return dict(
-            dim=m.dim,
-            depth=m.depth,
-            freqs_per_bands=m.freqs_per_bands,
-            stereo=m.stereo,
-            time_transformer_depth=m.time_transformer_depth,
-            freq_transformer_depth=m.freq_transformer_depth,
-            dim_head=m.dim_head,
-            heads=m.heads,
-            stft_n_fft=m.stft_n_fft,
-            stft_hop_length=m.stft_hop_length,
-            stft_win_length=m.stft_win_length,
-            stft_normalized=m.stft_normalized,
-            mask_estimator_depth=m.mask_estimator_depth,
-            mlp_expansion_factor=m.mlp_expansion_factor,
-        )
+    @property
+    def network_stems(self) -> tuple[str, ...]:
+        """The stems the network outputs, in its output order, lowercased: the target alone
+        for a single-target model (`training.target_instrument`), else `training.instruments`."""
+        target = self.training.target_instrument
+        return (target.lower(),) if target else tuple(name.lower() for name in self.training.instruments)
+
+    @property
+    def complement_stem(self) -> str | None:
+        """For a single-target model, the name of the mix minus the target (see
+        :func:`complement_name`); None for a multi-stem model."""
+        target = self.training.target_instrument
+        return complement_name(target, self.training.instruments) if target else None
 
 
 # config --------------------------------------------------------------------------------------
@@ -103,18 +153,28 @@ _ConfigLoader.add_constructor(
 )
 
 
-def _value(value: Any, annotation: str, where: str) -> Any:
-    """Check one yaml value against its field's annotation; sequences become tuples."""
-    ok = {
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "bool": lambda v: isinstance(v, bool),
-        "str | None": lambda v: v is None or isinstance(v, str),
-        "tuple[int, ...]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(i, int) and i > 0 for i in v),
-        "tuple[str, ...]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(i, str) for i in v),
-    }[annotation]
-    if not ok(value):
-        raise ConfigError(f"{where} should be {annotation.replace('tuple[', 'a list of ').replace(', ...]', 's')}, got {value!r}")
-    return tuple(value) if isinstance(value, list) else value
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a yaml value fits a field's type: bool, int, str, None, tuple[X, ...], unions."""
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, type(None)):
+        return isinstance(value, hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_conforms(v, args[0]) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    raise TypeError(f"no yaml check for fields of type {hint}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else hint.__name__
 
 
 def _section(raw: Mapping, name: str, cls: type, path: Path, required: bool = True):
@@ -122,18 +182,55 @@ def _section(raw: Mapping, name: str, cls: type, path: Path, required: bool = Tr
     if section is None and not required:
         return cls()
     if not isinstance(section, Mapping):
-        raise ConfigError(f"{path}: missing section '{name}' (is this a BS-RoFormer model config?)")
-    fields = cls.__dataclass_fields__
-    missing = [f for f, spec in fields.items() if spec.default is MISSING and f not in section]
+        raise ConfigError(f"{path}: missing section '{name}' (is this a RoFormer model config?)")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    missing = [f for f, spec in known.items() if spec.default is MISSING and f not in section]
     if missing:
         raise ConfigError(f"{path}: section '{name}' lacks required key(s) {', '.join(missing)}")
-    return cls(
-        **{k: _value(v, fields[k].type, f"{path}: {name}.{k}") for k, v in section.items() if k in fields}
-    )
+    values = {}
+    for key, value in section.items():
+        if key in known:
+            if not _conforms(value, hints[key]):
+                raise ConfigError(f"{path}: {name}.{key} should be {_describe(hints[key])}, got {value!r}")
+            values[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
+
+
+def _architecture(raw: Mapping, path: Path) -> type[ModelConfig]:
+    """MSST's `model_type` if the yaml names it, else the model section's band key."""
+    training = raw.get("training")
+    named = raw.get("model_type", training.get("model_type") if isinstance(training, Mapping) else None)
+    model = raw.get("model") if isinstance(raw.get("model"), Mapping) else {}
+    if named is not None:
+        if not isinstance(named, str) or named not in ARCHITECTURES:
+            raise ConfigError(f"{path}: model_type {named!r} is not one stemsep runs ({' or '.join(ARCHITECTURES)})")
+        cls = ARCHITECTURES[named]
+        other = next(k for c, k in _BAND_KEYS.items() if c is not cls)
+        if other in model:
+            raise ConfigError(f"{path}: model_type is {named} but the model section has {other}, a key of the other architecture")
+        return cls
+    present = [cls for cls, key in _BAND_KEYS.items() if key in model]
+    if len(present) != 1:
+        what = "both" if present else "neither"
+        raise ConfigError(
+            f"{path}: cannot tell the architecture: the model section has {what} freqs_per_bands (BS-RoFormer) "
+            "and num_bands (MelBand-RoFormer), and no model_type"
+        )
+    return present[0]
+
+
+def _check_model_keys(model: Mapping, path: Path) -> None:
+    conformer = [k for k in _CONFORMER_KEYS if k in model]
+    if conformer:
+        raise ConfigError(f"{path}: model.{conformer[0]} belongs to a Conformer model, which stemsep does not run")
+    for key, (runs, meaning) in _UNSUPPORTED_MODEL_KEYS.items():
+        if key in model and model[key] != runs:
+            raise ConfigError(f"{path}: model.{key} {model[key]!r} asks for {meaning}; stemsep runs only {runs!r}")
 
 
 def load_config(path: str | Path) -> Config:
-    """Parse a BS-RoFormer yaml config; raise :class:`ConfigError` naming the file on any problem."""
+    """Parse a RoFormer yaml config; raise :class:`ConfigError` naming the file on any problem."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -151,7 +248,9 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not a model config (expected a mapping with 'audio' and 'model' sections)")
 
     audio = _section(raw, "audio", AudioConfig, path)
-    model = _section(raw, "model", ModelConfig, path)
+    model_cls = _architecture(raw, path)
+    model = _section(raw, "model", model_cls, path)
+    _check_model_keys(raw["model"], path)
     training = _section(raw, "training", TrainingConfig, path)
     inference = _section(raw, "inference", InferenceConfig, path, required=False)
     config = Config(audio, model, training, inference, path)
@@ -161,31 +260,58 @@ def load_config(path: str | Path) -> Config:
 
 def _check(config: Config) -> None:
     path, m = config.path, config.model
-    bins = m.stft_n_fft // 2 + 1
-    if sum(m.freqs_per_bands) != bins:
-        raise ConfigError(
-            f"{path}: freqs_per_bands sum to {sum(m.freqs_per_bands)} but an STFT of {m.stft_n_fft} has {bins} bins"
-        )
-    if m.num_stems != 1:
-        raise ConfigError(f"{path}: num_stems is {m.num_stems}; stemsep runs single-target (vocals) models only")
-    if m.linear_transformer_depth:
-        raise ConfigError(f"{path}: linear_transformer_depth > 0 is not supported (1297 uses 0)")
-    target = (config.training.target_instrument or "").lower()
-    if target != "vocals":
-        raise ConfigError(
-            f"{path}: training.target_instrument is {config.training.target_instrument!r}; stemsep needs a vocals model"
-        )
+    hints = typing.get_type_hints(type(m))
+    small = [f.name for f in fields(m) if hints[f.name] is int and getattr(m, f.name) < 1]
+    if small:
+        raise ConfigError(f"{path}: model.{small[0]} must be at least 1, got {getattr(m, small[0])}")
+    if m.stft_win_length > m.stft_n_fft:
+        raise ConfigError(f"{path}: model.stft_win_length {m.stft_win_length} is longer than stft_n_fft {m.stft_n_fft}")
+    if isinstance(m, BSRoformerConfig):
+        if not all(width > 0 for width in m.freqs_per_bands):
+            raise ConfigError(f"{path}: model.freqs_per_bands should be a list of positive ints, got {list(m.freqs_per_bands)}")
+        if sum(m.freqs_per_bands) != m.bins:
+            raise ConfigError(
+                f"{path}: freqs_per_bands sum to {sum(m.freqs_per_bands)} but an STFT of {m.stft_n_fft} has {m.bins} bins"
+            )
+    else:
+        try:
+            mel_bands(m.sample_rate, m.stft_n_fft, m.num_bands)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: model.num_bands {m.num_bands} does not fit the STFT: {exc}") from None
+    _check_stems(config)
     if config.audio.chunk_size < m.stft_n_fft:
         raise ConfigError(f"{path}: audio.chunk_size {config.audio.chunk_size} is shorter than one STFT window")
     if config.inference.num_overlap < 1 or config.inference.batch_size < 1:
         raise ConfigError(f"{path}: inference.num_overlap and inference.batch_size must be at least 1")
 
 
+def _check_stems(config: Config) -> None:
+    """The network's outputs must be nameable: one per stem, names distinct."""
+    path, stems = config.path, config.model.num_stems
+    instruments, target = config.training.instruments, config.training.target_instrument
+    lowered = [name.lower() for name in instruments]
+    if len(set(lowered)) != len(lowered):
+        raise ConfigError(f"{path}: training.instruments {list(instruments)} names a stem twice")
+    if target:
+        if stems != 1:
+            raise ConfigError(f"{path}: model.num_stems is {stems} but a model with a target_instrument predicts one stem")
+    elif len(instruments) < 2:
+        raise ConfigError(f"{path}: training.target_instrument is not set and training.instruments names fewer than 2 stems")
+    elif stems != len(instruments):
+        raise ConfigError(
+            f"{path}: model.num_stems is {stems} but training.instruments names {len(instruments)} stems "
+            "(and no target_instrument)"
+        )
+
+
 # checkpoint ----------------------------------------------------------------------------------
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict safely (weights_only); raise :class:`CheckpointError` naming the file."""
+    """Read a state dict safely (weights_only); raise :class:`CheckpointError` naming the file.
+
+    Accepts the wrappers training scripts save: the state dict under `state_dict`
+    (Lightning) or `model`, and DataParallel's `module.` prefix on every key."""
     path = Path(path)
     if not path.is_file():
         what = "is a directory, not a checkpoint file" if path.is_dir() else "checkpoint file not found"
@@ -200,12 +326,16 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (corrupt or truncated)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated: {_first_line(exc)})") from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):  # Lightning-style wrapper
-        obj = obj["state_dict"]
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
     if not isinstance(obj, Mapping) or not obj or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
         raise CheckpointError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
+    if all(k.startswith("module.") for k in obj):
+        return {k.removeprefix("module."): v for k, v in obj.items()}
     return dict(obj)
 
 
@@ -214,10 +344,10 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else exc.__class__.__name__
 
 
-def build_model(config: Config, device: str | torch.device = "cpu") -> BSRoformer:
+def build_model(config: Config, device: str | torch.device = "cpu") -> Roformer:
     """An uninitialized-weights network for `config` (parameters on `device`)."""
     with torch.device(device):
-        return BSRoformer(**config.network_kwargs())
+        return build_network(config.model)
 
 
 # Tokens per slice of the transformers on the CPU: the temporaries of 4,096 tokens (the
@@ -227,17 +357,18 @@ def build_model(config: Config, device: str | torch.device = "cpu") -> BSRoforme
 CPU_SLICE_TOKENS = 4096
 
 
-def load_model(checkpoint: str | Path, config: str | Path | Config, device: str | torch.device = "cpu") -> BSRoformer:
+def load_model(checkpoint: str | Path, config: str | Path | Config, device: str | torch.device = "cpu") -> Roformer:
     """Build the network from `config`, load `checkpoint` strictly, and return it in eval mode.
 
     ``model(audio)`` maps float32 ``(batch, channels, samples)`` at the config's sample
-    rate to the predicted vocals of the same shape. On the CPU the transformers run over
-    slices of `CPU_SLICE_TOKENS` tokens (same result; see `BSRoformer._by_slices`).
+    rate to ``(batch, stems, channels, samples)``, the stems in `config.network_stems`
+    order. On the CPU the transformers run over slices of `CPU_SLICE_TOKENS` tokens (same
+    result; see `Roformer._by_slices`).
     """
     config = config if isinstance(config, Config) else load_config(config)
     state = load_state_dict(checkpoint)
     model = build_model(config, device="meta")  # no time spent initializing weights we overwrite
-    _check_fits(model, state, Path(checkpoint), config.path)
+    _check_fits(model, state, Path(checkpoint), config)
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device=device, dtype=torch.float32).eval()
     model.requires_grad_(False)
@@ -246,7 +377,7 @@ def load_model(checkpoint: str | Path, config: str | Path | Config, device: str 
     return model
 
 
-def _check_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], checkpoint: Path, config: Path) -> None:
+def _check_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], checkpoint: Path, config: Config) -> None:
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -256,10 +387,12 @@ def _check_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], check
             parts.append(f"{len(missing)} parameter(s) missing (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise CheckpointError(f"{checkpoint}: not a BS-RoFormer checkpoint for {config.name}: {'; '.join(parts)}")
+        raise CheckpointError(
+            f"{checkpoint}: not a {config.model.title} checkpoint for {config.path.name}: {'; '.join(parts)}"
+        )
     for key, shape in expected.items():
         if state[key].shape != shape:
             raise CheckpointError(
-                f"{checkpoint}: does not match config {config.name}: {key} has shape {tuple(state[key].shape)} "
+                f"{checkpoint}: does not match config {config.path.name}: {key} has shape {tuple(state[key].shape)} "
                 f"in the checkpoint but {tuple(shape)} in the config"
             )
