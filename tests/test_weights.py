@@ -1,10 +1,13 @@
-"""Fetching and checking the weights, against a real local HTTP server serving test bytes."""
+"""Fetching and checking a model's files, against a real local HTTP server serving test bytes."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import errno
 import hashlib
 import http.server
+import io
 import os
 import random
 import signal
@@ -13,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from stemsep import cli, weights
+from stemsep import catalogue, cli, weights
+from stemsep.catalogue import Model, WeightFile
 from stemsep.errors import WeightsDownloadError
-from stemsep.weights import WeightFile
 
 # 1.5 MiB so a download spans more than one 1 MiB block.
 PAYLOAD = random.Random(1297).randbytes(3 * 2**19)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+SAME_SIZE_WRONG = random.Random(1298).randbytes(len(PAYLOAD))  # right size, wrong bytes
 CONFIG = b"audio:\n  sample_rate: 44100\n"
 CONFIG_SHA = hashlib.sha256(CONFIG).hexdigest()
 WRONG = b"these are not the weights you are looking for\n" * 1000
@@ -39,7 +43,8 @@ class _Server:
 
             def _send(self, body: bytes, length: int | None = None) -> None:
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(body) if length is None else length))
+                if length != -1:  # -1: no Content-Length header, the body ends when the connection closes
+                    self.send_header("Content-Length", str(len(body) if length is None else length))
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -51,6 +56,11 @@ class _Server:
                     self._send(CONFIG)
                 elif self.path == "/wrong/model.ckpt":
                     self._send(WRONG)
+                elif self.path == "/same-size/model.ckpt":
+                    self._send(SAME_SIZE_WRONG)
+                elif self.path == "/unsized-too-long/model.ckpt":
+                    self._send(PAYLOAD + b"trailing garbage", length=-1)
+                    self.close_connection = True
                 elif self.path == "/truncated/model.ckpt":
                     # Promise the whole payload, send a third, hang up.
                     self._send(PAYLOAD[: len(PAYLOAD) // 3], length=len(PAYLOAD))
@@ -86,10 +96,16 @@ class _Server:
         return self.base + path
 
     def ckpt(self, *mirrors: str) -> WeightFile:
-        return WeightFile("model.ckpt", PAYLOAD_SHA, tuple(self.url(f"/{m}/model.ckpt") for m in mirrors))
+        return WeightFile("model.ckpt", PAYLOAD_SHA, len(PAYLOAD), tuple(self.url(f"/{m}/model.ckpt") for m in mirrors))
 
-    def yaml(self) -> WeightFile:
-        return WeightFile("model.yaml", CONFIG_SHA, (self.url("/missing/model.yaml"), self.url("/good/model.yaml")))
+    def yaml(self, size: int | None = len(CONFIG)) -> WeightFile:
+        return WeightFile("model.yaml", CONFIG_SHA, size, (self.url("/missing/model.yaml"), self.url("/good/model.yaml")))
+
+    def model(self, *mirrors: str, name: str = "test-model", yaml_size: int | None = len(CONFIG)) -> Model:
+        """A catalogue entry whose checkpoint comes from `mirrors` (in order) and whose
+        config comes from a 404 mirror, then a good one."""
+        return Model(name=name, title="test", architecture="bs_roformer", stems=("vocals", "instrumental"),
+                     checkpoint=self.ckpt(*mirrors), config=self.yaml(yaml_size), licence=None, scores=())
 
 
 @pytest.fixture
@@ -108,27 +124,22 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-# the published files ----------------------------------------------------------------------
+# the default model -------------------------------------------------------------------------
 
 
-def test_weight_files_hold_the_published_sha256_and_mirror_order():
+def test_the_default_model_files_hold_the_published_sha256_and_mirror_order():
     ckpt, yaml = weights.WEIGHT_FILES
+    assert (ckpt, yaml) == catalogue.get(catalogue.DEFAULT).files
     assert ckpt.name == "model_bs_roformer_ep_317_sdr_12.9755.ckpt"
     assert ckpt.sha256 == "5b84f37e8d444c8cb30c79d77f613a41c05868ff9c9ac6c7049c00aefae115aa"
-    assert ckpt.urls == (
-        "https://github.com/TRvlvr/model_repo/releases/download/all_public_uvr_models/"
-        "model_bs_roformer_ep_317_sdr_12.9755.ckpt",
-        "https://github.com/nomadkaraoke/python-audio-separator/releases/download/model-configs/"
-        "model_bs_roformer_ep_317_sdr_12.9755.ckpt",
-    )
+    assert ckpt.size == 639331213
+    uvr = "https://github.com/TRvlvr/model_repo/releases/download/all_public_uvr_models"
+    audio_separator = "https://github.com/nomadkaraoke/python-audio-separator/releases/download/model-configs"
+    assert ckpt.urls == (f"{uvr}/{ckpt.name}", f"{audio_separator}/{ckpt.name}")
     assert yaml.name == "model_bs_roformer_ep_317_sdr_12.9755.yaml"
     assert yaml.sha256 == "2bfdd16c656bd9519aba757cc4f8834b7ede675eb1e00ec4772d74ae1c41af7f"
-    assert yaml.urls == (
-        "https://github.com/TRvlvr/model_repo/releases/download/all_public_uvr_models/"
-        "mdx_model_data/mdx_c_configs/model_bs_roformer_ep_317_sdr_12.9755.yaml",
-        "https://github.com/nomadkaraoke/python-audio-separator/releases/download/model-configs/"
-        "model_bs_roformer_ep_317_sdr_12.9755.yaml",
-    )
+    assert yaml.size is None  # no source records it
+    assert yaml.urls == (f"{uvr}/mdx_model_data/mdx_c_configs/{yaml.name}", f"{audio_separator}/{yaml.name}")
 
 
 def test_default_dir_follows_the_environment_variable(monkeypatch, tmp_path):
@@ -151,14 +162,14 @@ def test_sha256_file_matches_hashlib(tmp_path):
 # download ---------------------------------------------------------------------------------
 
 
-def test_download_falls_through_404_and_wrong_bytes_to_the_good_mirror(server, tmp_path):
+def test_download_falls_through_404_wrong_size_and_wrong_bytes_to_the_good_mirror(server, tmp_path):
     directory = tmp_path / "new" / "weights"  # created on demand
-    paths = weights.download(directory, [server.ckpt("missing", "wrong", "good"), server.yaml()], progress=False)
+    paths = weights.download(server.model("missing", "wrong", "same-size", "good"), directory, progress=False)
     assert paths == [directory / "model.ckpt", directory / "model.yaml"]
     assert paths[0].read_bytes() == PAYLOAD
     assert paths[1].read_bytes() == CONFIG
     assert server.hits == {
-        "/missing/model.ckpt": 1, "/wrong/model.ckpt": 1, "/good/model.ckpt": 1,
+        "/missing/model.ckpt": 1, "/wrong/model.ckpt": 1, "/same-size/model.ckpt": 1, "/good/model.ckpt": 1,
         "/missing/model.yaml": 1, "/good/model.yaml": 1,
     }
     assert _leftovers(directory) == ["model.ckpt", "model.yaml"]
@@ -166,48 +177,62 @@ def test_download_falls_through_404_and_wrong_bytes_to_the_good_mirror(server, t
 
 def test_all_mirrors_failing_raises_one_sentence_and_leaves_nothing(server, tmp_path):
     with pytest.raises(WeightsDownloadError) as info:
-        weights.download(tmp_path, [server.ckpt("missing", "wrong")], progress=False)
+        weights.download(server.model("missing", "wrong", "same-size"), tmp_path, progress=False)
     message = str(info.value)
     assert message == (
         f"could not download model.ckpt: {server.url('/missing/model.ckpt')}: HTTP 404; "
-        f"{server.url('/wrong/model.ckpt')}: sha256 mismatch "
-        f"(got {hashlib.sha256(WRONG).hexdigest()[:8]}…, expected {PAYLOAD_SHA[:8]}…)"
+        f"{server.url('/wrong/model.ckpt')}: size mismatch (the server offers {len(WRONG)} bytes, expected {len(PAYLOAD)}); "
+        f"{server.url('/same-size/model.ckpt')}: sha256 mismatch "
+        f"(got {hashlib.sha256(SAME_SIZE_WRONG).hexdigest()[:8]}…, expected {PAYLOAD_SHA[:8]}…)"
     )
     assert "\n" not in message
     assert _leftovers(tmp_path) == []
 
 
-def test_existing_verified_file_is_not_fetched_again(server, tmp_path):
-    files = [server.ckpt("good")]
-    weights.download(tmp_path, files, progress=False)
-    assert server.hits["/good/model.ckpt"] == 1
-    assert weights.download(tmp_path, files, progress=False) == [tmp_path / "model.ckpt"]
-    assert server.hits["/good/model.ckpt"] == 1
+def test_a_body_longer_than_the_catalogue_size_is_cut_off(server, tmp_path):
+    with pytest.raises(WeightsDownloadError, match=r"unsized-too-long/model\.ckpt: size mismatch \(more than the expected"):
+        weights.download(server.model("unsized-too-long"), tmp_path, progress=False)
+    assert _leftovers(tmp_path) == []
 
 
-def test_existing_corrupt_file_is_replaced(server, tmp_path):
-    (tmp_path / "model.ckpt").write_bytes(PAYLOAD[:-1] + b"!")
-    weights.download(tmp_path, [server.ckpt("good")], progress=False)
+def test_a_file_without_a_recorded_size_is_checked_by_sha256_alone(server, tmp_path):
+    model = server.model("good", yaml_size=None)
+    assert weights.download(model, tmp_path, progress=False)[1].read_bytes() == CONFIG
+    assert weights.verify(model, tmp_path) == [tmp_path / "model.ckpt", tmp_path / "model.yaml"]
+
+
+def test_existing_verified_files_are_not_fetched_again(server, tmp_path):
+    model = server.model("good")
+    weights.download(model, tmp_path, progress=False)
+    assert server.hits["/good/model.ckpt"] == 1
+    assert weights.download(model, tmp_path, progress=False) == [tmp_path / "model.ckpt", tmp_path / "model.yaml"]
+    assert server.hits["/good/model.ckpt"] == 1 and server.hits["/good/model.yaml"] == 1
+
+
+@pytest.mark.parametrize("corrupt", [PAYLOAD[:-1] + b"!", PAYLOAD[:-1]], ids=["flipped-byte", "short"])
+def test_existing_corrupt_file_is_replaced(server, tmp_path, corrupt):
+    (tmp_path / "model.ckpt").write_bytes(corrupt)
+    weights.download(server.model("good"), tmp_path, progress=False)
     assert (tmp_path / "model.ckpt").read_bytes() == PAYLOAD
     assert server.hits["/good/model.ckpt"] == 1
-    assert _leftovers(tmp_path) == ["model.ckpt"]
+    assert _leftovers(tmp_path) == ["model.ckpt", "model.yaml"]
 
 
 def test_connection_dropped_mid_body_is_a_failure_and_leaves_nothing(server, tmp_path):
     with pytest.raises(WeightsDownloadError, match=r"truncated/model\.ckpt: connection closed early"):
-        weights.download(tmp_path, [server.ckpt("truncated")], progress=False)
+        weights.download(server.model("truncated"), tmp_path, progress=False)
     assert _leftovers(tmp_path) == []
 
 
 def test_connection_dropped_mid_body_moves_on_to_the_next_mirror(server, tmp_path):
-    weights.download(tmp_path, [server.ckpt("truncated", "other")], progress=False)
+    weights.download(server.model("truncated", "other"), tmp_path, progress=False)
     assert (tmp_path / "model.ckpt").read_bytes() == PAYLOAD
-    assert _leftovers(tmp_path) == ["model.ckpt"]
+    assert _leftovers(tmp_path) == ["model.ckpt", "model.yaml"]
 
 
 def test_stalled_server_times_out_and_leaves_nothing(server, tmp_path):
     with pytest.raises(WeightsDownloadError, match=r"stall/model\.ckpt: timed out"):
-        weights.download(tmp_path, [server.ckpt("stall")], progress=False, timeout=0.3)
+        weights.download(server.model("stall"), tmp_path, progress=False, timeout=0.3)
     assert _leftovers(tmp_path) == []
 
 
@@ -215,21 +240,47 @@ def test_refused_connection_is_a_failure(server, tmp_path):
     server.httpd.shutdown()
     server.httpd.server_close()  # the port now refuses connections
     with pytest.raises(WeightsDownloadError, match=r"could not download model\.ckpt: .*good/model\.ckpt: "):
-        weights.download(tmp_path, [server.ckpt("good")], progress=False, timeout=2)
+        weights.download(server.model("good"), tmp_path, progress=False, timeout=2)
     assert _leftovers(tmp_path) == []
 
 
 def test_ctrl_c_mid_download_leaves_no_partial_file(server, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        weights.download(tmp_path, [server.ckpt("interrupt")], progress=False, timeout=5)
+        weights.download(server.model("interrupt"), tmp_path, progress=False, timeout=5)
     assert _leftovers(tmp_path) == []
 
 
 def test_progress_bar_goes_to_stderr_only_when_asked(server, tmp_path, capsys):
-    weights.download(tmp_path / "a", [server.ckpt("good")], progress=False)
+    weights.download(server.model("good"), tmp_path / "a", progress=False)
     assert capsys.readouterr().err == ""
-    weights.download(tmp_path / "b", [server.ckpt("good")], progress=True)
+    weights.download(server.model("good"), tmp_path / "b", progress=True)
     assert "model.ckpt" in capsys.readouterr().err
+
+
+def test_a_write_failure_stops_at_once_and_leaves_nothing(server, tmp_path, monkeypatch):
+    class FullDisk(io.BufferedWriter):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode, buffering=0)))
+    with pytest.raises(WeightsDownloadError) as info:
+        weights.download(server.model("good", "other"), tmp_path, progress=False)
+    assert str(info.value) == f"cannot write {tmp_path / 'model.ckpt'} (No space left on device)"
+    assert server.hits == {"/good/model.ckpt": 1}  # the other mirror would not help
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_unusable_weights_folder_is_one_error(server, tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(WeightsDownloadError, match=r"^cannot create the weights folder .*file/weights \(Not a directory\)$"):
+        weights.download(server.model("good"), tmp_path / "file" / "weights", progress=False)
+    assert sum(server.hits.values()) == 0
+
+
+def test_download_takes_a_catalogue_name(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(catalogue, "MODELS", {"test-model": server.model("good")})
+    assert weights.download("test-model", tmp_path, progress=False) == [tmp_path / "model.ckpt", tmp_path / "model.yaml"]
 
 
 # verify -----------------------------------------------------------------------------------
@@ -238,40 +289,61 @@ def test_progress_bar_goes_to_stderr_only_when_asked(server, tmp_path, capsys):
 def test_verify_returns_the_paths_of_good_files(server, tmp_path):
     (tmp_path / "model.ckpt").write_bytes(PAYLOAD)
     (tmp_path / "model.yaml").write_bytes(CONFIG)
-    files = [server.ckpt("good"), server.yaml()]
-    assert weights.verify(tmp_path, files) == [tmp_path / "model.ckpt", tmp_path / "model.yaml"]
+    assert weights.verify(server.model("good"), tmp_path) == [tmp_path / "model.ckpt", tmp_path / "model.yaml"]
     assert sum(server.hits.values()) == 0  # verify never touches the network
 
 
 def test_verify_names_a_missing_file_and_says_how_to_fetch_it(server, tmp_path):
     with pytest.raises(WeightsDownloadError) as info:
-        weights.verify(tmp_path, [server.ckpt("good")])
-    assert str(info.value) == f"{tmp_path / 'model.ckpt'} is missing: run `stemsep weights download` to fetch it"
+        weights.verify(server.model("good"), tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / 'model.ckpt'} is missing: download it first (stemsep models download test-model)"
+    )
+
+
+def test_verify_names_a_file_of_the_wrong_size(server, tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(WRONG)
+    with pytest.raises(WeightsDownloadError) as info:
+        weights.verify(server.model("good"), tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / 'model.ckpt'} has {len(WRONG)} bytes, expected {len(PAYLOAD)}: "
+        "download it again (stemsep models download test-model)"
+    )
 
 
 def test_verify_names_a_corrupt_file_with_both_hashes(server, tmp_path):
-    (tmp_path / "model.ckpt").write_bytes(WRONG)
+    (tmp_path / "model.ckpt").write_bytes(SAME_SIZE_WRONG)
     with pytest.raises(WeightsDownloadError) as info:
-        weights.verify(tmp_path, [server.ckpt("good")])
+        weights.verify(server.model("good"), tmp_path)
     message = str(info.value)
     assert str(tmp_path / "model.ckpt") in message
-    assert f"got {hashlib.sha256(WRONG).hexdigest()}, expected {PAYLOAD_SHA}" in message
+    assert f"got {hashlib.sha256(SAME_SIZE_WRONG).hexdigest()}, expected {PAYLOAD_SHA}" in message
 
 
 # the command line -------------------------------------------------------------------------
 
 
-def test_cli_verify_missing_file_prints_one_error_line_and_returns_1(server, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(weights, "WEIGHT_FILES", (server.ckpt("good"),))
+@pytest.fixture
+def test_catalogue(server, monkeypatch):
+    """The catalogue replaced by two models served by the local server; 'test-model' is the default."""
+    other = server.model("wrong", name="other-model")
+    other = dataclasses.replace(other, checkpoint=dataclasses.replace(other.checkpoint, name="other.ckpt"),
+                                config=dataclasses.replace(other.config, name="other.yaml"))
+    models = {"test-model": server.model("missing", "good"), "other-model": other}
+    monkeypatch.setattr(catalogue, "MODELS", models)
+    monkeypatch.setattr(catalogue, "DEFAULT", "test-model")
+    return models
+
+
+def test_cli_weights_verify_missing_file_prints_one_error_line_and_returns_1(test_catalogue, tmp_path, capsys):
     assert cli.main(["weights", "verify", "--dir", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("\n") == 1
-    assert err.startswith("stemsep: error: ") and "missing" in err and "stemsep weights download" in err
+    assert err.startswith("stemsep: error: ") and "missing" in err and "stemsep models download test-model" in err
 
 
-def test_cli_download_then_verify_prints_the_paths(server, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(weights, "WEIGHT_FILES", (server.ckpt("missing", "good"), server.yaml()))
+def test_cli_weights_download_then_verify_prints_the_paths(test_catalogue, tmp_path, capsys):
     expected = f"{tmp_path / 'model.ckpt'}\n{tmp_path / 'model.yaml'}\n"
     assert cli.main(["weights", "download", "--dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == expected
@@ -279,3 +351,46 @@ def test_cli_download_then_verify_prints_the_paths(server, tmp_path, monkeypatch
     out, err = capsys.readouterr()
     assert out == expected
     assert err == ""
+
+
+def test_cli_models_download_then_verify_then_list(test_catalogue, tmp_path, capsys, server):
+    assert cli.main(["models", "download", "test-model", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'model.ckpt'}\n{tmp_path / 'model.yaml'}\n"
+    assert cli.main(["models", "--dir", str(tmp_path), "verify"]) == 0  # every model with files in the folder
+    out, err = capsys.readouterr()
+    assert out == f"{tmp_path / 'model.ckpt'}\n{tmp_path / 'model.yaml'}\n" and err == ""
+    assert cli.main(["models", "--dir", str(tmp_path)]) == 0
+    rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:3]}
+    assert rows == {"test-model": "yes", "other-model": "no"}
+    assert server.hits["/good/model.ckpt"] == 1
+
+
+def test_cli_models_download_goes_on_after_a_failing_model_and_returns_1(test_catalogue, tmp_path, capsys):
+    assert cli.main(["models", "download", "other-model", "test-model", "--dir", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"{tmp_path / 'model.ckpt'}\n{tmp_path / 'model.yaml'}\n"
+    assert err.count("\n") == 1 and err.startswith("stemsep: error: could not download other.ckpt: ")
+
+
+def test_cli_models_download_checks_every_name_before_fetching_anything(test_catalogue, tmp_path, capsys, server):
+    assert cli.main(["models", "download", "test-model", "no-such-model", "--dir", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "stemsep: error: unknown model 'no-such-model'; the known models are test-model, other-model\n"
+    assert sum(server.hits.values()) == 0
+
+
+def test_cli_models_verify_names_the_corrupt_file(test_catalogue, tmp_path, capsys):
+    (tmp_path / "model.ckpt").write_bytes(SAME_SIZE_WRONG)
+    (tmp_path / "model.yaml").write_bytes(CONFIG)
+    assert cli.main(["models", "verify", "test-model", "--dir", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and "does not match its sha256" in err and "stemsep models download test-model" in err
+
+
+def test_cli_models_verify_with_nothing_downloaded_says_so(test_catalogue, tmp_path, capsys):
+    assert cli.main(["models", "verify", "--dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"stemsep: error: no model is downloaded in {tmp_path}: download one first (stemsep models download NAME)\n"
+    )

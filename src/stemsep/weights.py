@@ -1,15 +1,14 @@
-"""Where the BS-RoFormer viperx 1297 weights come from, and fetching them safely.
+"""Fetching a catalogue model's files safely, and checking the ones on disk.
 
-The model is two files: the checkpoint ``model_bs_roformer_ep_317_sdr_12.9755.ckpt``
-(639 MB) and its config ``model_bs_roformer_ep_317_sdr_12.9755.yaml``. Each has a list of
-mirrors, tried in order (the same order audio-separator 0.47.1 uses), and a sha256.
-
-:func:`download` streams a file into a hidden ``.part`` file next to its destination,
-hashing as it goes, and moves it into place only when the sha256 matches; anything else
-(HTTP error, dropped connection, timeout, wrong bytes, Ctrl-C) leaves no file behind and
-moves on to the next mirror. :func:`verify` checks files already on disk. Both raise
-:class:`stemsep.errors.WeightsDownloadError` with one sentence naming the file at fault.
-The weights carry no licence statement from their author.
+Which files a model has, their sha256, sizes and mirrors are in the catalogue
+(:mod:`stemsep.catalogue`); this module only moves bytes. :func:`download` tries each
+file's mirrors in order, streaming into a hidden ``.part`` file beside the destination
+(:func:`stemsep.files.atomic_file`) while hashing, and keeps it only when the size and the
+sha256 match; anything else (HTTP error, wrong size, dropped connection, timeout, wrong
+bytes, Ctrl-C) leaves no file behind and moves on to the next mirror. A file already on
+disk with the right sha256 is kept without any network access. :func:`verify` checks the
+files on disk. Both raise :class:`stemsep.errors.WeightsDownloadError` with one sentence
+naming the file at fault.
 """
 
 from __future__ import annotations
@@ -18,50 +17,18 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from stemsep import catalogue
+from stemsep.catalogue import Model, WeightFile
 from stemsep.errors import WeightsDownloadError
+from stemsep.files import atomic_file
 
-_BLOCK = 1 << 20  # hash and stream in 1 MiB blocks: the checkpoint is 639 MB
+_BLOCK = 1 << 20  # hash and stream in 1 MiB blocks: checkpoints are up to 1.7 GB
 _USER_AGENT = "stemsep"
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """One file of the model: its name on disk, its sha256, and mirrors to try in order."""
-
-    name: str
-    sha256: str
-    urls: tuple[str, ...]
-
-
-# mirrors and checksums ----------------------------------------------------------------------
-
-_UVR = "https://github.com/TRvlvr/model_repo/releases/download/all_public_uvr_models"
-_AUDIO_SEPARATOR = "https://github.com/nomadkaraoke/python-audio-separator/releases/download/model-configs"
-_STEM = "model_bs_roformer_ep_317_sdr_12.9755"
-
-# The sha256 values come from one third-party source (REFERENCE.md, "Where the weights come
-# from"), not from the model's author: confirm them on the first real download and record
-# the confirmation here. The primary mirror was reported returning 404 in mid-2026.
-WEIGHT_FILES: tuple[WeightFile, ...] = (
-    WeightFile(
-        name=f"{_STEM}.ckpt",
-        sha256="5b84f37e8d444c8cb30c79d77f613a41c05868ff9c9ac6c7049c00aefae115aa",
-        urls=(f"{_UVR}/{_STEM}.ckpt", f"{_AUDIO_SEPARATOR}/{_STEM}.ckpt"),
-    ),
-    WeightFile(
-        name=f"{_STEM}.yaml",
-        sha256="2bfdd16c656bd9519aba757cc4f8834b7ede675eb1e00ec4772d74ae1c41af7f",
-        urls=(f"{_UVR}/mdx_model_data/mdx_c_configs/{_STEM}.yaml", f"{_AUDIO_SEPARATOR}/{_STEM}.yaml"),
-    ),
-)
 
 
 # where the files live ---------------------------------------------------------------------
@@ -92,23 +59,26 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def verify(directory: str | os.PathLike[str], files: Sequence[WeightFile] | None = None) -> list[Path]:
-    """Check that every file is in ``directory`` with its sha256; return their paths.
-
-    ``files`` defaults to :data:`WEIGHT_FILES` (read at call time).
-    """
-    files = WEIGHT_FILES if files is None else files
-    directory = Path(directory)
+def verify(model: str | Model | None = None, directory: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Check that a model's files (default: the default model's) are in `directory`
+    (default: :func:`default_dir`) with their sizes and sha256; return their paths."""
+    model = catalogue.get(catalogue.DEFAULT if model is None else model)
+    directory = default_dir() if directory is None else Path(directory)
     paths = []
-    for wf in files:
+    for wf in model.files:
         path = directory / wf.name
         if not path.is_file():
-            raise WeightsDownloadError(f"{path} is missing: run `stemsep weights download` to fetch it")
+            raise WeightsDownloadError(f"{path} is missing: {catalogue.download_hint(model.name)}")
+        size = path.stat().st_size
+        if wf.size is not None and size != wf.size:
+            raise WeightsDownloadError(
+                f"{path} has {size} bytes, expected {wf.size}: {catalogue.download_hint(model.name, again=True)}"
+            )
         got = sha256_file(path)
         if got != wf.sha256:
             raise WeightsDownloadError(
                 f"{path} does not match its sha256 (got {got}, expected {wf.sha256}): "
-                "run `stemsep weights download` to replace it"
+                f"{catalogue.download_hint(model.name, again=True)}"
             )
         paths.append(path)
     return paths
@@ -118,102 +88,121 @@ def verify(directory: str | os.PathLike[str], files: Sequence[WeightFile] | None
 
 
 def download(
-    directory: str | os.PathLike[str],
-    files: Sequence[WeightFile] | None = None,
+    model: str | Model | None = None,
+    directory: str | os.PathLike[str] | None = None,
     *,
     progress: bool | None = None,
     timeout: float = 60,
 ) -> list[Path]:
-    """Fetch every file into ``directory`` (created if needed) and return their paths.
+    """Fetch a model's files (default: the default model's) into `directory` (default:
+    :func:`default_dir`, created if needed) and return their paths, checkpoint first.
 
     A file already present with the right sha256 is kept without any network access; a
-    missing or corrupt one is fetched from its mirrors in order. ``files`` defaults to
-    :data:`WEIGHT_FILES` (read at call time). ``progress`` shows a tqdm bar on stderr
-    (default: when stderr is a terminal). ``timeout`` is in seconds per connect or read,
-    not for the whole file. Raises :class:`WeightsDownloadError` when every mirror of a
-    file fails, naming each mirror's failure.
+    missing or corrupt one is fetched from its mirrors in order. ``progress`` shows a tqdm
+    bar on stderr (default: when stderr is a terminal). ``timeout`` is in seconds per
+    connect or read, not for the whole file. Raises :class:`WeightsDownloadError` when
+    every mirror of a file fails, naming each mirror's failure.
     """
-    files = WEIGHT_FILES if files is None else files
+    model = catalogue.get(catalogue.DEFAULT if model is None else model)
+    directory = default_dir() if directory is None else Path(directory)
     if progress is None:
         progress = sys.stderr.isatty()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsDownloadError(f"cannot create the weights folder {directory} ({_describe(exc)})") from None
     paths = []
-    for wf in files:
+    for wf in model.files:
         path = directory / wf.name
-        if not (path.is_file() and sha256_file(path) == wf.sha256):
+        if not _matches(path, wf):
             _fetch(wf, path, progress=progress, timeout=timeout)
         paths.append(path)
     return paths
 
 
+def _matches(path: Path, wf: WeightFile) -> bool:
+    try:
+        if not path.is_file() or (wf.size is not None and path.stat().st_size != wf.size):
+            return False
+    except OSError:
+        return False
+    return sha256_file(path) == wf.sha256
+
+
 def _fetch(wf: WeightFile, path: Path, *, progress: bool, timeout: float) -> None:
-    """Try ``wf``'s mirrors in order until one gives the right bytes at ``path``."""
+    """Try `wf`'s mirrors in order until one gives the right bytes at `path`."""
     failures = []
     for url in wf.urls:
-        reason = _fetch_one(url, wf, path, progress=progress, timeout=timeout)
-        if reason is None:
+        try:
+            # The .part file is removed on every way out of this block but success, Ctrl-C included.
+            with atomic_file(path) as out:
+                _stream(url, out, wf, progress=progress, timeout=timeout)
             return
-        failures.append(f"{url}: {reason}")
+        except _MirrorFailed as failed:
+            failures.append(f"{url}: {failed.reason}")
+        except (OSError, _WriteFailed) as exc:  # our side: the next mirror would fail the same way
+            cause = exc.__cause__ if isinstance(exc, _WriteFailed) else exc
+            raise WeightsDownloadError(f"cannot write {path} ({_describe(cause)})") from None
     tried = "; ".join(failures) if failures else "no mirrors listed"
     raise WeightsDownloadError(f"could not download {wf.name}: {tried}")
 
 
-def _fetch_one(url: str, wf: WeightFile, path: Path, *, progress: bool, timeout: float) -> str | None:
-    """Download ``url`` to ``path`` if its sha256 matches; return None, or why it failed.
+class _MirrorFailed(Exception):
+    """One mirror did not give the right bytes; the next one is tried."""
 
-    The bytes go to a hidden ``.part`` file in the same folder (so the final rename is
-    atomic) that is removed on every way out but success, Ctrl-C included.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{wf.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            result = _stream(url, out, wf.name, progress=progress, timeout=timeout)
-        if isinstance(result, str):
-            return result
-        got = result.hexdigest()
-        if got != wf.sha256:
-            return f"sha256 mismatch (got {got[:8]}…, expected {wf.sha256[:8]}…)"
-        os.replace(tmp, path)
-        return None
-    finally:
-        tmp.unlink(missing_ok=True)
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
-def _stream(url: str, out: BinaryIO, label: str, *, progress: bool, timeout: float) -> hashlib._Hash | str:
-    """Copy ``url``'s body into ``out``; return its sha256 object, or why it failed."""
+class _WriteFailed(Exception):
+    """Writing the downloaded bytes failed (its cause is the OSError): not the mirror's fault."""
+
+
+def _stream(url: str, out: BinaryIO, wf: WeightFile, *, progress: bool, timeout: float) -> None:
+    """Copy `url`'s body into `out`, checking its size and sha256 against `wf`; raise
+    :class:`_MirrorFailed` saying why when they do not match or the transfer fails."""
     from tqdm import tqdm
 
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     digest = hashlib.sha256()
     received = 0
-    expected = None
+    offered = None
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
-            expected = int(length) if length and length.isdigit() else None
+            offered = int(length) if length and length.isdigit() else None
+            if offered is not None and wf.size is not None and offered != wf.size:
+                raise _MirrorFailed(f"size mismatch (the server offers {offered} bytes, expected {wf.size})")
             with tqdm(
-                total=expected, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+                total=wf.size or offered, desc=wf.name, unit="B", unit_scale=True, unit_divisor=1024,
                 file=sys.stderr, disable=not progress, leave=False,
             ) as bar:
                 while block := response.read(_BLOCK):
-                    digest.update(block)
-                    out.write(block)
                     received += len(block)
+                    if wf.size is not None and received > wf.size:
+                        raise _MirrorFailed(f"size mismatch (more than the expected {wf.size} bytes)")
+                    digest.update(block)
+                    try:
+                        out.write(block)
+                    except OSError as exc:  # a full disk, say: kept apart from the network's OSErrors
+                        raise _WriteFailed() from exc
                     bar.update(len(block))
     except urllib.error.HTTPError as exc:
         exc.close()
-        return f"HTTP {exc.code}"
+        raise _MirrorFailed(f"HTTP {exc.code}") from None
     except urllib.error.URLError as exc:  # DNS, refused connection, TLS, connect timeout
-        return _describe(exc.reason)
+        raise _MirrorFailed(_describe(exc.reason)) from None
     except http.client.IncompleteRead:
-        return _closed_early(received, expected)
+        raise _MirrorFailed(_closed_early(received, offered or wf.size)) from None
     except (OSError, http.client.HTTPException) as exc:  # read timeout, reset, bad response
-        return _describe(exc)
+        raise _MirrorFailed(_describe(exc)) from None
+    expected = offered if offered is not None else wf.size
     if expected is not None and received != expected:
-        return _closed_early(received, expected)
-    return digest
+        raise _MirrorFailed(_closed_early(received, expected))
+    got = digest.hexdigest()
+    if got != wf.sha256:
+        raise _MirrorFailed(f"sha256 mismatch (got {got[:8]}…, expected {wf.sha256[:8]}…)")
 
 
 def _describe(reason: object) -> str:
@@ -227,3 +216,8 @@ def _describe(reason: object) -> str:
 def _closed_early(received: int, expected: int | None) -> str:
     total = "an unknown number of" if expected is None else str(expected)
     return f"connection closed early (got {received} of {total} bytes)"
+
+
+# The default model's files, for callers written before the catalogue; new code reads
+# `catalogue.get(name).files`. Derived from the catalogue, not a second table.
+WEIGHT_FILES: tuple[WeightFile, ...] = catalogue.get(catalogue.DEFAULT).files
