@@ -30,14 +30,15 @@ from stemsep.audio import (
     ClipReport,
     StreamResampler,
     decode,
-    resampled_length,
     output_subtype,
     probe,
     quantize,
     resample,
+    resampled_length,
     write,
 )
 from stemsep.errors import AudioDecodeError, AudioEncodeError
+from stemsep.testing import av_encode
 
 # The MUSDB18 excerpt shipped by the stempeg package (found without importing stempeg).
 STEMPEG_DIR = Path(importlib.util.find_spec("stempeg").submodule_search_locations[0])
@@ -72,30 +73,6 @@ def sf_write_ints(path: Path, ints: np.ndarray, bits: int, rate: int, subtype: s
     else:
         data = (ints << (32 - bits)).astype(np.int32)
     soundfile.write(path, data.T, rate, subtype=subtype, format=fmt)
-
-
-def av_encode(path: Path, codec: str, x: np.ndarray, rate: int, *, container_format: str | None = None,
-              container_options: dict | None = None, sample_format: str | None = None) -> None:
-    """Encode float32 (channels, n) with PyAV, feeding 1000-sample frames."""
-    channels, n = x.shape
-    with av.open(str(path), "w", format=container_format, options=container_options or {}) as out:
-        s = out.add_stream(codec, rate=rate)
-        s.layout = LAYOUTS[channels]
-        fmt = av.AudioFormat(sample_format or s.codec_context.codec.audio_formats[0].name)
-        s.format = fmt.name
-        for i in range(0, n, 1000):
-            block = x[:, i : i + 1000]
-            if fmt.name.startswith("s16"):
-                block = np.round(block * 32767).astype(np.int16)
-            elif fmt.name.startswith("s32"):
-                block = np.round(block * 2**31).astype(np.int32)
-            data = block if fmt.is_planar else block.T.reshape(1, -1)
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt.name, layout=s.layout.name)
-            frame.sample_rate, frame.pts, frame.time_base = rate, i, fractions.Fraction(1, rate)
-            for packet in s.encode(frame):
-                out.mux(packet)
-        for packet in s.encode(None):
-            out.mux(packet)
 
 
 def sha256(path: Path) -> str:
@@ -139,7 +116,7 @@ def test_integer_pcm_decodes_to_int_over_2_pow_bits_minus_1_exactly(tmp_path, co
     x, info = decode(path)
 
     assert x.dtype == np.float32 and x.shape == (channels, frames)
-    assert info == AudioInfo(rate, channels, frames, codec, container.lower(), bits, False, True)
+    assert info == AudioInfo(rate, channels, codec, container.lower(), bits, False, True, frames)
     expected = (ints / 2.0 ** (bits - 1)).astype(np.float32)  # exact for bits <= 24
     assert np.array_equal(x, expected)
     if bits <= 24:
@@ -616,7 +593,7 @@ def test_stream_resampler_equals_one_shot(rates, cuts):
 
 
 def info_of(codec: str, bits: int | None, is_float: bool = False) -> AudioInfo:
-    return AudioInfo(44100, 2, 1000, codec, "x", bits, is_float, bits is not None)
+    return AudioInfo(44100, 2, codec, "x", bits, is_float, bits is not None, 1000)
 
 
 SUBTYPES = [

@@ -1,4 +1,4 @@
-"""The CUDA path on a real GPU: skipped where there is none (CI), run on a lent GPU with
+"""The CUDA path on a real GPU: skipped where there is none (CI), run on a GPU machine with
 `pytest tests/test_cuda.py`. The same code runs on the CPU in the other tests; here the parts
 only CUDA exercises: batches run on a worker thread (one batch in flight while the host adds
 up the last), pinned memory, fp32 parity with the CPU,
@@ -11,11 +11,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from stemsep.inference import BatchRunner, StreamingSeparation, separate_chunks
-from stemsep.separator import Separator, default_batch_size
-from stemsep.synthetic import make_model_files
-from test_engine_options import snr
-from test_separator import FAST_CONFIG, tones
+from stemsep.inference import (
+    BatchRunner,
+    StreamingSeparation,
+    default_batch_size,
+    separate_chunks,
+)
+from stemsep.separator import Separator
+from stemsep.testing import FAST_CONFIG, make_model_files, snr, tones
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -51,7 +54,9 @@ def test_reduced_precision_on_the_gpu(files, cpu_fp32, precision, min_snr):
 def test_auto_picks_bf16_and_a_batch_from_free_memory(files):
     separator = Separator(*files, device="cuda")
     assert separator.precision == "bf16"
-    assert separator.batch_size == default_batch_size(separator.config, separator.device, "bf16") > 1
+    cfg = separator.config
+    tokens = (cfg.audio.chunk_size // cfg.model.stft_hop_length + 1) * len(separator.model.band_split.to_features)
+    assert separator.batch_size == default_batch_size(tokens, cfg.model.dim, separator.device, "bf16") > 1
 
 
 def test_batches_submitted_at_once_come_back_in_order_and_right(files):

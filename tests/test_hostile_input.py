@@ -39,11 +39,9 @@ from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
 
 from stemsep.audio import decode, display_name
-from stemsep.errors import StemsepError
-from stemsep.separator import ClippingWarning, Separator
-from stemsep.synthetic import make_model_files
-from test_audio import av_encode
-from test_separator import FAST_CONFIG, tones
+from stemsep.errors import ClippingWarning, StemsepError
+from stemsep.separator import Separator
+from stemsep.testing import FAST_CONFIG, av_encode, make_model_files, tones
 
 pytestmark = pytest.mark.filterwarnings(f"ignore::{ClippingWarning.__module__}.{ClippingWarning.__name__}")
 

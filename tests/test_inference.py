@@ -1,4 +1,7 @@
-"""Chunking and overlap-add: coverage, exact length, seamless joins, batch-size invariance."""
+"""Chunking and overlap-add: coverage, exact length, seamless joins, batch-size invariance.
+
+The stand-in networks map (batch, channels, samples) to (batch, stems, channels, samples),
+as every stemsep network does."""
 
 import numpy as np
 import pytest
@@ -17,21 +20,35 @@ class Gain(torch.nn.Module):
         self.gain = gain
 
     def forward(self, x):
-        return x * self.gain
+        return (x * self.gain).unsqueeze(1)
 
 
 class ChunkMean(torch.nn.Module):
     """Output depends on the whole chunk (its mean), like a real network's context."""
 
     def forward(self, x):
-        return x + x.mean(dim=-1, keepdim=True)
+        return (x + x.mean(dim=-1, keepdim=True)).unsqueeze(1)
 
 
-@settings(max_examples=300, deadline=None)
-@given(length=st.integers(1, 5000), chunk=st.integers(1, 700), overlap=st.integers(1, 16))
+def streamed_chunk_starts(length: int, chunk: int, overlap: int, block: int = 97) -> list[int]:
+    """Where the streaming separation cuts its chunks, fed in blocks: the signal is its own
+    sample index, so each chunk's first sample says where it starts."""
+    from stemsep.inference import StreamingSeparation
+
+    model = RecordsChunks()
+    stream = StreamingSeparation(model, groups=1, channels=1, chunk=chunk, overlap=overlap)
+    signal = np.arange(length, dtype=np.float32).reshape(1, 1, length)
+    for start in range(0, length, block):
+        stream.push(signal[..., start : start + block])
+    stream.finish()
+    return model.starts
+
+
+@settings(max_examples=150, deadline=None)
+@given(length=st.integers(1, 3000), chunk=st.integers(1, 500), overlap=st.integers(1, 16))
 def test_chunks_cover_every_sample_overlap_times_inside_the_signal_and_weights_never_vanish(length, chunk, overlap):
     plan = plan_chunks(length, chunk, overlap)
-    starts = plan.starts()
+    starts = streamed_chunk_starts(length, chunk, overlap)
     assert len(starts) == plan.count and starts == sorted(set(starts))
     assert starts[0] == 0 and starts[-1] + plan.chunk == length  # none hangs over either end
     assert plan.chunk == min(chunk, length)
@@ -53,7 +70,8 @@ def test_chunk_schedule_is_audio_separators():
     mdxc = pytest.importorskip("audio_separator.separator.architectures.mdxc_separator").MDXCSeparator
     for length, chunk, overlap in [(1000, 100, 2), (1050, 100, 4), (100, 100, 4), (57, 100, 2), (352800 * 3 + 7, 352800, 4)]:
         step = chunk // overlap
-        assert plan_chunks(length, chunk, overlap).starts() == mdxc._roformer_chunk_starts(length, chunk, step)
+        expected = mdxc._roformer_chunk_starts(length, chunk, step)
+        assert streamed_chunk_starts(length, chunk, overlap, block=44100) == expected
 
 
 def test_windows_taper_inside_and_hold_flat_at_the_signal_edges():
@@ -71,17 +89,19 @@ class RecordsChunks(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.shapes = []
+        self.starts = []
 
     def forward(self, x):
         self.shapes.append(tuple(x.shape))
-        return x
+        self.starts.extend(int(c) for c in x[:, 0, 0])  # the signal is its own sample index
+        return x.unsqueeze(1)
 
 
 def test_a_signal_shorter_than_a_chunk_is_one_chunk_of_its_own_length():
     model = RecordsChunks()
     signal = np.random.default_rng(0).standard_normal((2, 2, 333)).astype(np.float32)
     out = separate_chunks(model, signal, chunk=1000, overlap=4, batch_size=4)
-    assert model.shapes == [(2, 2, 333)] and np.array_equal(out, signal)
+    assert model.shapes == [(2, 2, 333)] and np.array_equal(out[:, 0], signal)
 
 
 def test_the_network_runs_as_many_chunks_as_audio_separator():
@@ -95,8 +115,8 @@ def test_the_network_runs_as_many_chunks_as_audio_separator():
 def test_identity_network_reproduces_the_input_exactly_at_any_length(overlap, length):
     signal = np.random.default_rng(0).standard_normal((3, 2, length)).astype(np.float32)
     out = separate_chunks(Gain(1.0), signal, chunk=100, overlap=overlap, batch_size=3)
-    assert out.shape == signal.shape
-    np.testing.assert_allclose(out, signal, rtol=0, atol=1e-6)
+    assert out.shape == (3, 1, 2, length)
+    np.testing.assert_allclose(out[:, 0], signal, rtol=0, atol=1e-6)
 
 
 def test_overlap_add_has_no_bump_at_chunk_boundaries():
@@ -154,3 +174,36 @@ def test_streaming_memory_stays_a_few_chunks_whatever_the_length():
         stream.push(block)
         largest = max(largest, stream.input.shape[-1], stream.output.shape[-1])
     assert largest <= 1000 + 3 * 256  # one block plus a few chunks, after 200,000 samples
+
+
+class Stems(torch.nn.Module):
+    """A stand-in multi-stem network: stem i is the input times gains[i]."""
+
+    def __init__(self, gains):
+        super().__init__()
+        self.gains = torch.tensor(gains)
+
+    def forward(self, x):  # (b, c, n) -> (b, stems, c, n)
+        return x.unsqueeze(1) * self.gains.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("overlap", [1, 3])
+def test_each_stem_of_a_multi_stem_network_is_overlap_added_on_its_own(overlap):
+    signal = np.random.default_rng(2).standard_normal((2, 2, 2345)).astype(np.float32)
+    out = separate_chunks(Stems([1.0, 0.5, 0.0, -2.0]), signal, chunk=300, overlap=overlap, stems=4, batch_size=3)
+    assert out.shape == (2, 4, 2, 2345)
+    for i, gain in enumerate([1.0, 0.5, 0.0, -2.0]):
+        np.testing.assert_allclose(out[:, i], gain * signal, rtol=0, atol=1e-5)
+
+
+def test_channel_groups_pair_stereo_and_give_back_the_song_channels():
+    from stemsep.inference import from_groups, to_groups
+
+    mix = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)  # 5 channels
+    pairs = to_groups(mix, 2)  # (3, 2, 4): 1+2, 3+4, 5 as dual mono
+    assert pairs.shape == (3, 2, 4) and np.array_equal(pairs[2, 0], pairs[2, 1])
+    assert np.array_equal(from_groups(pairs[:, None], 5)[0], mix)
+    singles = to_groups(mix, 1)  # a mono network takes each channel alone
+    assert singles.shape == (5, 1, 4)
+    stacked = np.stack([singles, 2 * singles], axis=1)  # two stems
+    assert np.array_equal(from_groups(stacked, 5), np.stack([mix, 2 * mix]))

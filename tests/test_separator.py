@@ -12,14 +12,11 @@ import pytest
 import soundfile as sf
 
 from stemsep import audio
-from stemsep.errors import AudioDecodeError, AudioEncodeError
-from stemsep.separator import ClippingWarning, Separator
-from stemsep.synthetic import TINY_MODEL, config_dict, make_model_files
+from stemsep.errors import AudioDecodeError, AudioEncodeError, ClippingWarning, StemsepError
+from stemsep.separator import Separator
+from stemsep.testing import FAST_CHUNK, FAST_CONFIG, db, make_model_files, tones
 
-# A small STFT keeps the network fast; the 1297 STFT and band layout are covered in test_model.py.
-FAST_MODEL = {**TINY_MODEL, "stft_n_fft": 256, "stft_win_length": 256, "stft_hop_length": 64, "freqs_per_bands": [8] * 16 + [1]}
-CHUNK = 4096  # 93 ms at 44.1 kHz: even short files span many chunks
-FAST_CONFIG = config_dict(model=FAST_MODEL, audio={"chunk_size": CHUNK}, inference={"num_overlap": 4, "dim_t": CHUNK // 64 + 1})
+CHUNK = FAST_CHUNK
 
 
 @pytest.fixture(scope="module")
@@ -29,27 +26,6 @@ def models(tmp_path_factory):
     made = {name: make_model_files(root / name, FAST_CONFIG, mask=mask) for name, mask in
             [("pass", 1.0), ("mute", 0.0), ("half", 0.5), ("double", 2.0), ("random", None)]}
     return {name: Separator(*files, device="cpu", batch_size=4) for name, files in made.items()}
-
-
-def tones(sample_rate: int, frames: int, channels: int, level: float = 0.25, seed: int = 0) -> np.ndarray:
-    """Band-limited test music: a few sines below 0.4 x min(rate, 44.1 kHz), faded in and out
-    (an abrupt step would ring after resampling: band-limiting, not an error)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(frames) / sample_rate
-    top = 0.4 * min(sample_rate, 44100)
-    x = np.zeros((channels, frames))
-    for c in range(channels):
-        for f in rng.uniform(40, top, 6):
-            x[c] += np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
-    fade = min(frames // 4, int(0.02 * sample_rate))
-    ramp = np.sin(np.linspace(0, np.pi / 2, fade)) ** 2
-    x[:, :fade] *= ramp
-    x[:, frames - fade :] *= ramp[::-1]
-    return (level * x / np.abs(x).max()).astype(np.float32)
-
-
-def db(x: float) -> float:
-    return 20 * math.log10(max(x, 1e-300))
 
 
 # known outputs --------------------------------------------------------------------------------
@@ -208,10 +184,18 @@ def test_bad_inputs_give_one_clear_sentence_and_no_output(models, tmp_path):
     assert list(out.iterdir()) == []
 
 
-def test_output_folder_missing_or_not_writable(models, tmp_path):
+def test_a_missing_output_folder_is_created_with_its_parents(models, tmp_path):
     source = write_input(tmp_path / "song.wav", tones(44100, 44100, 2), 44100, "PCM_16")
-    with pytest.raises(AudioEncodeError, match="does not exist"):
-        models["pass"].separate(source, tmp_path / "nowhere")
+    paths = models["pass"].separate(source, tmp_path / "new" / "folder")
+    assert sorted(p.name for p in (tmp_path / "new" / "folder").iterdir()) == ["song_instrumental.wav", "song_vocals.wav"]
+    assert list(paths) == ["vocals", "instrumental"]
+
+
+def test_an_output_folder_that_is_a_file_is_one_clear_sentence(models, tmp_path):
+    source = write_input(tmp_path / "song.wav", tones(44100, 44100, 2), 44100, "PCM_16")
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(AudioEncodeError, match=r"^output folder \S*taken/sub cannot be created \(Not a directory\)$"):
+        models["pass"].separate(source, tmp_path / "taken" / "sub")
 
 
 def test_a_failed_second_stem_removes_the_first(models, tmp_path, monkeypatch):
@@ -235,13 +219,13 @@ def test_streaming_in_small_blocks_gives_bit_identical_stems(models, sample_rate
     block size: 1,000-sample blocks vs the whole signal at once, random weights."""
     random = models["random"]
     mix = tones(sample_rate, 9 * CHUNK + 123, channels)
-    whole = np.concatenate([v for _, v in random._stream([mix], sample_rate, channels, 4, None, None)], axis=-1)
+    whole = np.concatenate([v for _, v in random._song([mix], sample_rate, channels, 4, None, None)], axis=-1)
     blocks = [mix[:, i : i + 1000] for i in range(0, mix.shape[1], 1000)]
-    pairs = list(random._stream(blocks, sample_rate, channels, 4, None, None))
+    pairs = list(random._song(blocks, sample_rate, channels, 4, None, None))
     streamed_mix = np.concatenate([m for m, _ in pairs], axis=-1)
     streamed = np.concatenate([v for _, v in pairs], axis=-1)
     assert np.array_equal(streamed_mix, mix)  # the mix blocks are paired with their own vocals
-    assert streamed.shape == whole.shape == mix.shape
+    assert streamed.shape == whole.shape == (1, *mix.shape)  # (stems, channels, samples)
     assert np.array_equal(streamed, whole)
 
 
@@ -280,8 +264,7 @@ def test_pipeline_parity_with_audio_separator_on_the_same_random_weights(models,
     window and unpadded borders differ from our Hann window and reflect-padded borders)."""
     from audio_separator.separator import Separator as ReferenceSeparator
 
-    from stemsep.reference import audio_separator_model_dir
-    from stemsep.separator import CHECKPOINT_NAME
+    from stemsep.reference import CHECKPOINT_NAME, audio_separator_model_dir
 
     random = models["random"]
     weights = audio_separator_model_dir(*random.model_files, tmp_path / "weights")
@@ -301,3 +284,118 @@ def test_pipeline_parity_with_audio_separator_on_the_same_random_weights(models,
     print(f"SDR between audio-separator's and stemsep's vocals (random weights): {value:.1f} dB")
     assert theirs.shape == ours.shape
     assert value > 30  # measured 37.8 dB
+
+
+# compressed output, chosen stems, quality mode, ensembles ------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, rate, min_snr", [("mp3", 44100, 45), ("m4a", 44100, 25), ("opus", 48000, 25)])
+def test_compressed_stems_decode_aligned_at_the_input_length(models, tmp_path, fmt, rate, min_snr):
+    """Pass-through model: the vocals are the song, through the codec; the decoded file has the
+    input's length and channels (Opus: at 48 kHz) and lines up with it."""
+    mix = tones(rate, rate, 2, level=0.5)
+    source = write_input(tmp_path / "song.wav", mix, rate, "PCM_24")
+    paths = models["pass"].separate(source, tmp_path / "out", output_format=fmt)
+    assert sorted(p.name for p in paths.values()) == [f"song_instrumental.{fmt}", f"song_vocals.{fmt}"]
+    vocals, info = audio.decode(paths["vocals"])
+    assert (info.sample_rate, vocals.shape) == (rate, mix.shape)
+    noise = vocals - mix
+    value = 10 * np.log10(np.sum(mix.astype(np.float64) ** 2) / np.sum(noise.astype(np.float64) ** 2))
+    shifted = np.roll(vocals, 1, axis=-1)
+    off = 10 * np.log10(np.sum(mix.astype(np.float64) ** 2) / np.sum((shifted - mix).astype(np.float64) ** 2))
+    print(f"{fmt}: SNR {value:.1f} dB aligned, {off:.1f} dB one sample off")
+    assert value > min_snr and value > off + 3
+
+
+def test_a_bitrate_for_a_lossless_format_is_refused(models, tmp_path):
+    source = write_input(tmp_path / "song.wav", tones(44100, 44100, 2), 44100, "PCM_16")
+    with pytest.raises(AudioEncodeError, match="^a bitrate applies to mp3, m4a, opus output, not flac$"):
+        models["pass"].separate(source, tmp_path / "out", output_format="flac", bitrate_kbps=320)
+
+
+def test_chosen_stems_write_only_those_with_the_complement_still_exact(models, tmp_path):
+    source = write_input(tmp_path / "song.wav", tones(44100, 44100, 2), 44100, "PCM_16")
+    both = models["random"].separate(source, tmp_path / "both")
+    only = models["random"].separate(source, tmp_path / "only", stems=["instrumental"])
+    assert list(only) == ["instrumental"] and [p.name for p in (tmp_path / "only").iterdir()] == ["song_instrumental.wav"]
+    assert np.array_equal(sf.read(only["instrumental"], dtype="int16")[0], sf.read(both["instrumental"], dtype="int16")[0])
+    with pytest.raises(Exception, match="^unknown stem 'drums': this model gives vocals, instrumental$"):
+        models["random"].separate(source, tmp_path / "x", stems=["drums"])
+
+
+def test_tta_of_a_pass_through_model_is_the_input(models):
+    mix = tones(44100, 3 * CHUNK, 2)
+    vocals = models["pass"].separate_array(mix, 44100, tta=True)["vocals"]
+    assert db(np.abs(vocals - mix).max()) < -110
+
+
+def test_tta_is_the_mean_of_the_three_transformed_runs(models, tmp_path):
+    random = models["random"]
+    mix = tones(44100, 5 * CHUNK + 17, 2, seed=3)
+    plain = random.separate_array(mix, 44100)["vocals"]
+    swapped = random.separate_array(mix[::-1].copy(), 44100)["vocals"][::-1]
+    inverted = -random.separate_array(-mix, 44100)["vocals"]
+    tta = random.separate_array(mix, 44100, tta=True)
+    expected = (plain + swapped + inverted) / 3
+    assert np.abs(tta["vocals"] - expected).max() < 1e-6 * np.abs(expected).max() + 1e-7
+    assert np.array_equal(tta["instrumental"], mix - tta["vocals"])  # complement after averaging
+    source = write_input(tmp_path / "song.wav", mix, 44100, "PCM_16")
+    paths = random.separate(source, tmp_path / "out", tta=True)
+    vocals, instrumental = (sf.read(paths[s], dtype="int16")[0].astype(np.int32) for s in ("vocals", "instrumental"))
+    assert np.array_equal(vocals + instrumental, sf.read(source, dtype="int16")[0])  # still bit-exact
+
+
+def test_an_ensemble_is_the_average_of_its_members_exactly(models, tmp_path):
+    from stemsep.separator import Ensemble
+
+    mix = tones(44100, 7 * CHUNK + 3, 3, seed=4)
+    a = models["random"].separate_array(mix, 44100)["vocals"]
+    b = models["half"].separate_array(mix, 44100)["vocals"]
+    both = Ensemble([models["random"], models["half"]]).separate_array(mix, 44100)
+    assert np.array_equal(both["vocals"], (a + b) / 2)
+    assert np.array_equal(both["instrumental"], mix - both["vocals"])
+    source = write_input(tmp_path / "song.wav", mix, 44100, "FLOAT")
+    paths = Ensemble([models["random"], models["half"]]).separate(source, tmp_path / "out")
+    assert np.array_equal(sf.read(paths["vocals"], dtype="float32")[0].T, (a + b) / 2)
+
+
+# multi-stem models -------------------------------------------------------------------------------
+
+FOUR_STEMS = {"instruments": ["drums", "bass", "other", "vocals"], "target_instrument": None}
+FOUR_GAINS = [1.0, 0.5, 0.0, -0.25]
+
+
+@pytest.fixture(scope="module")
+def four_stems(tmp_path_factory):
+    """A 4-stem model whose stems are known: gains 1, 0.5, 0 and -0.25 of the mix."""
+    config = {**FAST_CONFIG, "model": {**FAST_CONFIG["model"], "num_stems": 4}, "training": FOUR_STEMS}
+    files = make_model_files(tmp_path_factory.mktemp("four"), config, mask=FOUR_GAINS)
+    return Separator(*files, device="cpu", batch_size=3)
+
+
+@pytest.mark.parametrize("sample_rate, channels", [(44100, 2), (48000, 1), (22050, 3)])
+def test_a_four_stem_model_gives_its_known_stems_at_any_rate_and_channel_count(four_stems, sample_rate, channels):
+    mix = tones(sample_rate, sample_rate // 2, channels)
+    stems = four_stems.separate_array(mix, sample_rate)
+    assert four_stems.stems == ("drums", "bass", "other", "vocals") and list(stems) == list(four_stems.stems)
+    for name, gain in zip(four_stems.stems, FOUR_GAINS):
+        assert stems[name].shape == mix.shape
+        assert db(np.abs(stems[name] - gain * mix).max()) < (-110 if sample_rate == 44100 else -60), name
+
+
+def test_a_four_stem_model_streams_bit_identically_and_writes_every_stem(four_stems, tmp_path):
+    mix = tones(44100, 9 * CHUNK + 55, 2, seed=7)
+    whole = np.concatenate([e for _, e in four_stems._song([mix], 44100, 2, 4, None, None)], axis=-1)
+    blocks = [mix[:, i : i + 777] for i in range(0, mix.shape[1], 777)]
+    streamed = np.concatenate([e for _, e in four_stems._song(blocks, 44100, 2, 4, None, None)], axis=-1)
+    assert whole.shape == (4, *mix.shape) and np.array_equal(streamed, whole)
+    paths = four_stems.separate(write_input(tmp_path / "song.flac", mix, 44100, "PCM_24"), tmp_path / "out")
+    assert [p.name for p in paths.values()] == ["song_drums.wav", "song_bass.wav", "song_other.wav", "song_vocals.wav"]
+    assert sf.info(paths["bass"]).subtype == "PCM_24"
+
+
+def test_an_ensemble_of_models_with_other_stems_is_refused(models, four_stems):
+    from stemsep.separator import Ensemble
+
+    with pytest.raises(StemsepError, match="models of an ensemble must give the same stems"):
+        Ensemble([models["pass"], four_stems])

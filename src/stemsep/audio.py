@@ -17,12 +17,13 @@ only when complete. This module knows nothing about the model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
-import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import av
@@ -31,7 +32,8 @@ import numpy as np
 import soundfile
 import soxr
 
-from stemsep.errors import AudioDecodeError, AudioEncodeError
+from stemsep.errors import AudioDecodeError, AudioEncodeError, NotAudioError
+from stemsep.files import AllOrNothing, commit_part, part_path
 
 # ---------------------------------------------------------------------------------------
 # limits
@@ -63,12 +65,12 @@ class AudioInfo:
 
     sample_rate: int
     channels: int
-    frames: int  # exact sample count per channel of the decoded stream
     codec: str  # FFmpeg codec name: "pcm_s16le", "flac", "mp3", "aac", "vorbis", "opus", ...
     container: str  # FFmpeg demuxer name: "wav", "flac", "mp3", "mov,mp4,m4a,3gp,3g2,mj2", ...
     bits: int | None  # source precision for PCM/FLAC/ALAC (8, 16, 24, 32, 64); None for lossy
     is_float: bool  # the source stores float samples (float WAV/AIFF)
     lossless: bool  # the decoded samples are the source's exact values
+    frames: int | None = None  # exact sample count per channel of the decoded stream; None until counted
 
     @property
     def duration(self) -> float:
@@ -100,24 +102,24 @@ def _check_regular_file(path: str, name: str) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise AudioDecodeError(f"{name}: file not found") from None
+        raise AudioDecodeError("file not found", file=name) from None
     except PermissionError:
-        raise AudioDecodeError(f"{name}: cannot be read (permission denied)") from None
+        raise AudioDecodeError("cannot be read (permission denied)", file=name) from None
     except OSError as exc:
-        raise AudioDecodeError(f"{name}: cannot be read ({exc.strerror or exc})") from None
+        raise AudioDecodeError(f"cannot be read ({exc.strerror or exc})", file=name) from None
     if stat.S_ISDIR(st.st_mode):
-        raise AudioDecodeError(f"{name}: is a directory, not an audio file")
+        raise AudioDecodeError("is a directory, not an audio file", file=name)
     if not stat.S_ISREG(st.st_mode):
-        raise AudioDecodeError(f"{name}: is not a regular file")
+        raise AudioDecodeError("is not a regular file", file=name)
     if st.st_size == 0:
-        raise AudioDecodeError(f"{name}: is empty (0 bytes)")
+        raise AudioDecodeError("is empty (0 bytes)", file=name)
     try:
         with open(path, "rb"):
             pass
     except PermissionError:
-        raise AudioDecodeError(f"{name}: cannot be read (permission denied)") from None
+        raise AudioDecodeError("cannot be read (permission denied)", file=name) from None
     except OSError as exc:
-        raise AudioDecodeError(f"{name}: cannot be read ({exc.strerror or exc})") from None
+        raise AudioDecodeError(f"cannot be read ({exc.strerror or exc})", file=name) from None
 
 
 def _flac_bits(extradata: bytes | None) -> int | None:
@@ -202,22 +204,25 @@ class AudioReader:
         _check_regular_file(self.path, self.name)
         with self._open() as (container, st):
             cc = st.codec_context
-            self.sample_rate: int = cc.sample_rate
-            self.channels: int = cc.channels
-            self.codec: str = cc.codec.canonical_name
-            self.container: str = container.format.name
-            lossless = self.codec in _LOSSLESS or (self.codec.startswith("pcm_") and self.codec not in _LOSSY_PCM)
+            codec = cc.codec.canonical_name
+            lossless = codec in _LOSSLESS or (codec.startswith("pcm_") and codec not in _LOSSY_PCM)
             fmt = cc.format.name if cc.format is not None else "flt"
-            self.lossless = lossless
-            self.bits = _source_bits(self.codec, fmt, cc.extradata) if lossless else None
-            self.is_float = lossless and fmt.rstrip("p") in ("flt", "dbl")
+            self.header = AudioInfo(  # what the header says; `info` adds the exact frame count
+                sample_rate=cc.sample_rate,
+                channels=cc.channels,
+                codec=codec,
+                container=container.format.name,
+                bits=_source_bits(codec, fmt, cc.extradata) if lossless else None,
+                is_float=lossless and fmt.rstrip("p") in ("flt", "dbl"),
+                lossless=lossless,
+            )
             # The container's own length, in samples, where it states one.
             self._stated_frames = None
             if st.duration and st.time_base:
                 self._stated_frames = round(st.duration * st.time_base * self.sample_rate)
             self._start = round((st.start_time or 0) * st.time_base * self.sample_rate) if st.time_base else 0
         # An MP4 edit list's end is the stream duration; FFmpeg applies only its start.
-        is_mov = self.container.startswith("mov,")
+        is_mov = self.header.container.startswith("mov,")
         self._trim_to = self._stated_frames if is_mov and self._stated_frames else None
 
     # -- header ------------------------------------------------------------------------
@@ -230,46 +235,42 @@ class AudioReader:
             with _ffmpeg_quiet():
                 container = av.open(self.path, mode="r", metadata_errors="replace")  # tags need not be UTF-8
         except av.error.InvalidDataError:
-            raise AudioDecodeError(f"{name}: not an audio file (unrecognised or damaged data)") from None
+            raise NotAudioError("not an audio file (unrecognised or damaged data)", file=name) from None
         except av.error.PermissionError:
-            raise AudioDecodeError(f"{name}: cannot be read (permission denied)") from None
+            raise AudioDecodeError("cannot be read (permission denied)", file=name) from None
         except (av.error.FFmpegError, OSError) as exc:
-            raise AudioDecodeError(f"{name}: cannot be opened ({_reason(exc)})") from None
+            raise AudioDecodeError(f"cannot be opened ({_reason(exc)})", file=name) from None
         try:
             streams = container.streams.audio
             if not streams:
-                raise AudioDecodeError(f"{name}: not an audio file (no audio stream)")
+                raise NotAudioError("not an audio file (no audio stream)", file=name)
             if not 0 <= self.stream_index < len(streams):
                 count = f"{len(streams)} audio stream{'s' if len(streams) != 1 else ''}"
-                raise AudioDecodeError(f"{name}: has {count}, so there is no audio stream {self.stream_index}")
+                raise AudioDecodeError(f"has {count}, so there is no audio stream {self.stream_index}", file=name)
             st = streams[self.stream_index]
             cc = st.codec_context
             if cc is None:  # FFmpeg has no decoder for the codec the header names
-                raise AudioDecodeError(f"{name}: the audio is in a format FFmpeg cannot decode (unknown codec)")
+                raise AudioDecodeError("the audio is in a format FFmpeg cannot decode (unknown codec)", file=name)
             if cc.channels > MAX_CHANNELS:
-                raise AudioDecodeError(f"{name}: has {cc.channels} channels, more than the {MAX_CHANNELS} supported")
+                raise AudioDecodeError(f"has {cc.channels} channels, more than the {MAX_CHANNELS} supported", file=name)
             if cc.channels < 1 or cc.sample_rate < 1:
-                raise AudioDecodeError(f"{name}: the audio stream does not state its sample rate or channels")
+                raise AudioDecodeError("the audio stream does not state its sample rate or channels", file=name)
             if not MIN_SAMPLE_RATE <= cc.sample_rate <= MAX_SAMPLE_RATE:
                 raise AudioDecodeError(
-                    f"{name}: sample rate {cc.sample_rate} Hz is outside the supported "
-                    f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
+                    f"sample rate {cc.sample_rate} Hz is outside the supported {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz",
+                    file=name,
                 )
             yield container, st
         finally:
             container.close()
 
-    def _header(self, frames: int) -> AudioInfo:
-        return AudioInfo(
-            sample_rate=self.sample_rate,
-            channels=self.channels,
-            frames=frames,
-            codec=self.codec,
-            container=self.container,
-            bits=self.bits,
-            is_float=self.is_float,
-            lossless=self.lossless,
-        )
+    @property
+    def sample_rate(self) -> int:
+        return self.header.sample_rate
+
+    @property
+    def channels(self) -> int:
+        return self.header.channels
 
     @property
     def estimated_frames(self) -> int | None:
@@ -280,12 +281,12 @@ class AudioReader:
     def info(self) -> AudioInfo:
         """The header with the exact frame count (may decode the file once to count; cached)."""
         if self._info is None:
-            frames = self._count_from_tail() if self.codec.startswith("pcm_") and self._trim_to is None else None
+            frames = self._count_from_tail() if self.header.codec.startswith("pcm_") and self._trim_to is None else None
             if frames is None:
                 frames = sum(block.shape[1] for block in self.blocks(1 << 20))
             if frames == 0:
-                raise AudioDecodeError(f"{self.name}: contains no audio samples")
-            self._info = self._header(frames)
+                raise AudioDecodeError("contains no audio samples", file=self.name)
+            self._info = dataclasses.replace(self.header, frames=frames)
         return self._info
 
     def _count_from_tail(self) -> int | None:
@@ -330,7 +331,7 @@ class AudioReader:
                 return
             except av.error.FFmpegError:
                 if decoded == 0:
-                    raise AudioDecodeError(f"{name}: not readable audio (damaged or truncated data)") from None
+                    raise AudioDecodeError("not readable audio (damaged or truncated data)", file=name) from None
                 return  # a container that breaks off: keep what came before
             frames = []
             try:
@@ -343,15 +344,13 @@ class AudioReader:
             else:
                 idle = 0 if frames else idle + 1
             if idle > _MAX_IDLE_PACKETS:
-                raise AudioDecodeError(f"{name}: no audio could be decoded from {idle} packets in a row (damaged data)")
+                raise AudioDecodeError(f"no audio could be decoded from {idle} packets in a row (damaged data)", file=name)
             for frame in frames:
                 if frame.sample_rate != self.sample_rate or frame.layout.nb_channels != self.channels:
-                    raise AudioDecodeError(
-                        f"{name}: changes sample rate or channel count mid-stream, which is not supported"
-                    )
+                    raise AudioDecodeError("changes sample rate or channel count mid-stream, which is not supported", file=name)
                 decoded += frame.samples
                 if decoded > limit:
-                    raise AudioDecodeError(f"{name}: is longer than the {self.max_duration_s / 3600:g}-hour limit")
+                    raise AudioDecodeError(f"is longer than the {self.max_duration_s / 3600:g}-hour limit", file=name)
                 yield frame
 
     def blocks(self, block_frames: int = _BLOCK_FRAMES) -> Iterator[np.ndarray]:
@@ -371,11 +370,11 @@ class AudioReader:
         with self._open() as (container, st):
             for frame in self._frames(container, st):
                 x = _to_float32(frame, self.channels)  # (channels, n)
-                if self.is_float and not np.isfinite(x).all():
-                    raise AudioDecodeError(f"{self.name}: contains NaN or infinite samples")
-                if self.is_float and x.size and (peak := float(np.abs(x).max())) > MAX_FLOAT_LEVEL:
+                if self.header.is_float and not np.isfinite(x).all():
+                    raise AudioDecodeError("contains NaN or infinite samples", file=self.name)
+                if self.header.is_float and x.size and (peak := float(np.abs(x).max())) > MAX_FLOAT_LEVEL:
                     raise AudioDecodeError(
-                        f"{self.name}: has float samples of {peak:.3g} times full scale, beyond the {MAX_FLOAT_LEVEL:.0e} supported"
+                        f"has float samples of {peak:.3g} times full scale, beyond the {MAX_FLOAT_LEVEL:.0e} supported", file=self.name
                     )
                 pending.append(x)
                 pending_n += x.shape[1]
@@ -389,13 +388,13 @@ class AudioReader:
             buf = np.concatenate(pending, axis=1)  # (channels, pending_n)
             pending, pending_n, total = [buf[:, : pending_n - cut]], pending_n - cut, total - cut
         if total == 0:
-            raise AudioDecodeError(f"{self.name}: contains no audio samples")
+            raise AudioDecodeError("contains no audio samples", file=self.name)
         if pending_n:
             buf = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
             for start in range(0, pending_n, block_frames):
                 yield buf[:, start : start + block_frames]
         if self._info is None:
-            self._info = self._header(total)
+            self._info = dataclasses.replace(self.header, frames=total)
 
 
 def _reason(exc: BaseException) -> str:
@@ -560,7 +559,7 @@ def quantize(x: np.ndarray, bits: int) -> tuple[np.ndarray, ClipReport]:
     return y.astype(np.int16 if bits == 16 else np.int32), ClipReport(clipped, peak)
 
 
-class AudioWriter:
+class AudioWriter(AllOrNothing):
     """Writes a stem block by block, atomically.
 
     Data goes to a hidden `.<name>.<random>.part` file beside `path`, which replaces `path`
@@ -590,7 +589,7 @@ class AudioWriter:
         valid = ("PCM_16", "PCM_24") if fmt == "flac" else ("PCM_16", "PCM_24", _FLOAT_SUBTYPE)
         if subtype not in valid:
             choices = ", ".join(valid)
-            raise AudioEncodeError(f"{self.name}: subtype {subtype!r} is not one of {choices} for {fmt.upper()}")
+            raise AudioEncodeError(f"subtype {subtype!r} is not one of {choices} for {fmt.upper()}", file=self.name)
         sf_format = fmt.upper()
         if fmt == "wav" and expected_frames is not None:
             if expected_frames * channels * bytes_per_sample(subtype) > 0xFFFFFFFF - (1 << 16):
@@ -598,40 +597,41 @@ class AudioWriter:
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             what = "is not a directory" if os.path.exists(directory) else "does not exist"
-            raise AudioEncodeError(f"{self.name}: cannot be written because the output directory {directory} {what}")
-        self._tmp = os.path.join(directory, f".{self.name}.{secrets.token_hex(4)}.part")
+            raise AudioEncodeError(f"cannot be written because the output directory {directory} {what}", file=self.name)
+        self._tmp = os.fspath(part_path(Path(directory) / os.path.basename(self.path)))
         try:
             fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
         except OSError as exc:
-            raise AudioEncodeError(f"{self.name}: cannot be written into {directory} ({_reason(exc)})") from None
+            raise AudioEncodeError(f"cannot be written into {directory} ({_reason(exc)})", file=self.name) from None
         self._fd: int | None = fd
         self._file: soundfile.SoundFile | None = None
-        try:
+        with self._aborting_on_error("cannot be written"):
             self._file = soundfile.SoundFile(
                 fd, "w", samplerate=sample_rate, channels=channels, subtype=subtype, format=sf_format, closefd=False
             )
-        except BaseException as exc:
-            self._discard()
-            if isinstance(exc, (soundfile.LibsndfileError, RuntimeError, OSError)):
-                raise AudioEncodeError(f"{self.name}: cannot be written ({_reason(exc)})") from None
-            raise
 
     def write(self, block: np.ndarray) -> ClipReport:
         """Append (channels, n) samples; returns this block's clip report."""
         if self._file is None:
             raise ValueError(f"{self.name}: the writer is already closed")
-        try:
+        with self._aborting_on_error("could not be written"):
             if block.ndim != 2 or block.shape[0] != self.channels:
                 raise ValueError(f"expected a ({self.channels}, n) block, got shape {block.shape}")
             data, report = self._samples(block)  # (n, channels)
             self._file.write(data)
+        self.clip += report
+        return report
+
+    @contextlib.contextmanager
+    def _aborting_on_error(self, what: str) -> Iterator[None]:
+        """Any failure inside aborts the file; a write error becomes AudioEncodeError."""
+        try:
+            yield
         except BaseException as exc:
             self.abort()
             if isinstance(exc, (soundfile.LibsndfileError, RuntimeError, OSError)):
-                raise AudioEncodeError(f"{self.name}: could not be written ({_reason(exc)})") from None
+                raise AudioEncodeError(f"{what} ({_reason(exc)})", file=self.name) from None
             raise
-        self.clip += report
-        return report
 
     def _samples(self, block: np.ndarray) -> tuple[np.ndarray, ClipReport]:
         bits = PCM_BITS.get(self.subtype)
@@ -646,7 +646,7 @@ class AudioWriter:
             report = ClipReport(0, peak)
         elif np.issubdtype(block.dtype, np.floating):
             if not np.isfinite(block).all():
-                raise AudioEncodeError(f"{self.name}: refusing to write NaN or infinite samples")
+                raise AudioEncodeError("refusing to write NaN or infinite samples", file=self.name)
             if bits is None:  # float output keeps everything, overs included
                 peak = float(np.max(np.abs(block))) if block.size else 0.0
                 return np.ascontiguousarray(block.T, dtype=np.float32), ClipReport(0, peak)
@@ -662,18 +662,13 @@ class AudioWriter:
         """Finish the file and move it into place."""
         if self._file is None:
             return
-        try:
+        with self._aborting_on_error("could not be written"):
             self._file.close()
             self._file = None
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            os.replace(self._tmp, self.path)
-        except BaseException as exc:
-            self.abort()
-            if isinstance(exc, (soundfile.LibsndfileError, RuntimeError, OSError)):
-                raise AudioEncodeError(f"{self.name}: could not be written ({_reason(exc)})") from None
-            raise
+            commit_part(Path(self._tmp), Path(self.path))
 
     def abort(self) -> None:
         """Give up: close and remove the temporary file; `path` is left as it was."""
@@ -691,14 +686,63 @@ class AudioWriter:
         with contextlib.suppress(OSError):
             os.unlink(self._tmp)
 
-    def __enter__(self) -> AudioWriter:
-        return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+class StemWriter(AllOrNothing):
+    """Writes several stems of one song side by side, all or nothing.
+
+    One writer per stem (`paths` maps stem names to files): an :class:`AudioWriter` for WAV
+    and FLAC (`subtype` says which sample format), a
+    :class:`stemsep.compressed.CompressedWriter` for MP3, M4A and Opus (`bitrate_kbps`, None
+    for the format's default; `subtype` None). `write` takes a dict of (channels, n) blocks,
+    one per stem. `close` moves every file into place; if
+    any write or close fails, or the writer is left by an exception, no stem stays behind
+    (those already moved into place are removed again), so a song's stems appear together
+    or not at all. `clip` accumulates each stem's clip report.
+    """
+
+    def __init__(
+        self, paths: Mapping[str, os.PathLike[str] | str], sample_rate: int, channels: int, subtype: str | None,
+        format: str = "wav", *, bitrate_kbps: int | None = None, expected_frames: int | None = None,
+    ):
+        from stemsep.compressed import (  # it builds on this module
+            COMPRESSED_FORMATS,
+            CompressedWriter,
+        )
+
+        self.paths = {stem: Path(path) for stem, path in paths.items()}
+        self.clip = {stem: ClipReport() for stem in self.paths}
+        self._writers: dict[str, Any] = {}
+        try:
+            for stem, path in self.paths.items():
+                if format in COMPRESSED_FORMATS:
+                    writer = CompressedWriter(path, sample_rate, channels, format, bitrate_kbps=bitrate_kbps)
+                else:
+                    writer = AudioWriter(path, sample_rate, channels, subtype, format, expected_frames=expected_frames)
+                self._writers[stem] = writer
+        except BaseException:
             self.abort()
+            raise
+
+    def write(self, blocks: Mapping[str, np.ndarray], clips: Mapping[str, ClipReport] | None = None) -> None:
+        """Append one block per stem; `clips` adds the clip reports of quantizing done before."""
+        for stem, writer in self._writers.items():
+            self.clip[stem] += writer.write(blocks[stem]) + (clips or {}).get(stem, ClipReport())
+
+    def close(self) -> None:
+        done: list[Path] = []
+        try:
+            for stem, writer in self._writers.items():
+                writer.close()
+                done.append(self.paths[stem])
+        except BaseException:
+            for path in done:
+                path.unlink(missing_ok=True)
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for writer in self._writers.values():
+            writer.abort()
 
 
 _WRITE_BLOCK = 1 << 18  # frames per soundfile call: bounds the quantizing temporaries

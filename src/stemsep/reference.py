@@ -1,5 +1,5 @@
-"""audio-separator on the same weights: the tech design's original engine, kept as an option
-and as the reference stemsep is measured against.
+"""audio-separator on the same weights: an engine option, and the reference stemsep is
+measured against.
 
 audio-separator 0.47.1 loads the 1297 model from a `model_file_dir` that holds the checkpoint
 and yaml under the 1297 file names plus a `download_checks.json` it would otherwise fetch;
@@ -15,9 +15,12 @@ import json
 import logging
 from pathlib import Path
 
+from stemsep.catalogue import get
 from stemsep.checkpoint import Config
 from stemsep.errors import StemsepError
-from stemsep.separator import CHECKPOINT_NAME, CONFIG_NAME
+
+# audio-separator knows the model by the 1297 file names.
+CHECKPOINT_NAME, CONFIG_NAME = get("1297").checkpoint.name, get("1297").config.name
 
 _OTHER_DOWNLOAD_LISTS = (
     "vr_download_list",
@@ -46,8 +49,8 @@ def audio_separator_model_dir(checkpoint: Path, config: Path, directory: Path) -
 
 
 class ReferenceEngine:
-    """audio-separator 0.47.1's `Separator` on the same weights: the tech design's original
-    path, kept as an option and as the reference. It resamples to 44.1 kHz, peak-normalizes
+    """audio-separator 0.47.1's `Separator` on the same weights, as an engine option and as the
+    reference. It resamples to 44.1 kHz, peak-normalizes
     the mix and each stem to 0.9 and writes 16-bit precision (bit_depth does not apply)."""
 
     def __init__(self, checkpoint: Path, config: Config, root: Path):

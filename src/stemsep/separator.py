@@ -1,159 +1,73 @@
-"""The public API: :class:`Separator` turns a song into vocals and instrumental.
+"""The public API: :class:`Separator` turns a song into its stems.
 
-Data flows one way: decode -> to the model's rate -> channels to stereo pairs -> chunked
-network (inference.py) -> back to the input's rate, length and channels -> stems -> encode.
-The network predicts vocals; the instrumental is the mix minus the vocals, computed at the
-input's rate (in the integer domain for PCM output, so the two stems add up to the mix
-bit-exactly). Nothing is normalized. The CLI and the Cog predictor are thin layers over this.
+It loads a model once and runs the pipeline of the other modules: decode (audio.py) ->
+model rate, channel groups, chunked network, back to the song's rate (inference.py) ->
+named stems (stems.py) -> encode (audio.py). A single-target model gives its target and
+the complement (mix - target, bit-exact for PCM output); a multi-stem model gives each stem
+it predicts. Nothing is normalized. The CLI and the Cog predictor are thin layers over this.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-import warnings
 import shutil
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stemsep import audio
+from stemsep import audio, catalogue
 from stemsep.checkpoint import Config, load_config, load_model
-from stemsep.errors import AudioDecodeError, AudioEncodeError, StemsepError
-from stemsep.inference import BatchRunner, ProgressCallback, StreamingSeparation
-from stemsep.weights import default_dir
+from stemsep.compressed import COMPRESSED_FORMATS, encode_settings
+from stemsep.errors import (
+    AudioDecodeError,
+    AudioEncodeError,
+    ClippingWarning,
+    StemsepError,
+)
+from stemsep.files import first_line
+from stemsep.inference import (
+    PRECISIONS,
+    BatchRunner,
+    ProgressCallback,
+    default_batch_size,
+    resolve_device,
+    resolve_precision,
+    separate_song,
+    take,
+)
+from stemsep.stems import StemLayout, stem_layout, stem_samples
 
-STEMS = ("vocals", "instrumental")
-CHECKPOINT_NAME = "model_bs_roformer_ep_317_sdr_12.9755.ckpt"
-CONFIG_NAME = "model_bs_roformer_ep_317_sdr_12.9755.yaml"
 MAX_OVERLAP = 16
 DEFAULT_MAX_DURATION_S = 3 * 3600  # refuse longer inputs unless told otherwise
-RESAMPLE_PAD_S = 0.05  # reflected context added around a file before resampling (soxr HQ rings ~ms)
 
 
-class ClippingWarning(UserWarning):
-    """A stem exceeded the integer range of the chosen bit depth and was clipped."""
+class _Separation:
+    """What :class:`Separator` and :class:`Ensemble` share: from a song to named stems, given
+    the subclass's `layout` (the stems) and `_song` (the song's estimates, block by block)."""
 
+    layout: StemLayout
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise StemsepError("device 'cuda' was requested but no CUDA GPU is available")
-    return device
-
-
-def to_stereo_pairs(mix: np.ndarray) -> np.ndarray:
-    """(channels, n) -> (pairs, 2, n): channels 1+2, 3+4, ...; a lone channel becomes dual-mono."""
-    if mix.shape[0] % 2:
-        mix = np.concatenate([mix, mix[-1:]])
-    return mix.reshape(mix.shape[0] // 2, 2, mix.shape[-1])
-
-
-def from_stereo_pairs(pairs: np.ndarray, channels: int) -> np.ndarray:
-    """Inverse of :func:`to_stereo_pairs`; a dual-mono pair gives back the mean of its two outputs."""
-    flat = pairs.reshape(pairs.shape[0] * 2, pairs.shape[-1])
-    if channels % 2:
-        flat = np.concatenate([flat[: channels - 1], flat[channels - 1 :].mean(axis=0, keepdims=True)])
-    return flat
-
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bf16 on a GPU that has it (fp16 on older ones, e.g. a T4), fp32 on the CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision not in PRECISIONS:
-        raise StemsepError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
-    return precision
-
-
-def default_batch_size(config: Config, device: torch.device, precision: str) -> int:
-    """Chunks per forward pass: the config's on the CPU (batching gains little there); on a GPU
-    as many as half the free memory holds, estimating a chunk's activations at 16 values of
-    `dim` per token (band x frame), capped at 16. Too many is caught by the OOM fallback."""
-    if device.type != "cuda":
-        return config.inference.batch_size
-    free, _ = torch.cuda.mem_get_info(device)
-    tokens = (config.audio.chunk_size // config.model.stft_hop_length + 1) * len(config.model.freqs_per_bands)
-    per_chunk = 16 * tokens * config.model.dim * (4 if precision == "fp32" else 2)
-    return max(1, min(16, int(0.5 * free // per_chunk)))
-
-
-class Separator:
-    """Load the model once; separate arrays or files.
-
-    `checkpoint`/`config` default to the 1297 files in the weights folder
-    (`$STEMSEP_WEIGHTS_DIR`, else `weights/`). `batch_size` chunks go through the network per
-    forward pass (default: the config's on CPU, chosen from free memory on a GPU).
-    `precision` is "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16" or "fp16": autocast for
-    the transformers; STFT, iSTFT and the mask multiply stay fp32. `compile=True` runs the
-    network through `torch.compile` (compiled and warmed up here, falling back to eager with a
-    warning if compilation fails).
-    """
-
-    def __init__(
-        self,
-        checkpoint: str | Path | None = None,
-        config: str | Path | None = None,
-        device: str | torch.device = "auto",
-        batch_size: int | None = None,
-        precision: str = "auto",
-        compile: bool = False,
-    ):
-        if checkpoint is None or config is None:
-            folder = default_dir()
-            checkpoint = checkpoint or folder / CHECKPOINT_NAME
-            config = config or folder / CONFIG_NAME
-            if not Path(checkpoint).exists():
-                raise StemsepError(f"weights not downloaded: {checkpoint} is missing; run `stemsep weights download`")
-        self.model_files = (Path(checkpoint), Path(config))
-        self.config: Config = load_config(config)
-        if not self.config.model.stereo:
-            raise StemsepError(f"{self.config.path.name}: a mono model (stereo: false); stemsep separates with stereo models")
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = load_model(checkpoint, self.config, self.device)
-        self.batch_size = batch_size or default_batch_size(self.config, self.device, self.precision)
-        if self.batch_size < 1:
-            raise StemsepError(f"batch size must be at least 1, got {self.batch_size}")
-        self.runner = BatchRunner(self.model, self.device, PRECISIONS[self.precision])
-        self.compiled = compile and self._compile()
-
-    def _compile(self) -> bool:
-        """torch.compile for one fixed batch shape, warmed up now so the first song pays nothing.
-        True if it compiled; False, with a warning, if it fell back to eager."""
-        shape = (self.batch_size, 2, self.config.audio.chunk_size)
-        compiled = BatchRunner(self.model, self.device, PRECISIONS[self.precision],
-                               compiled=torch.compile(self.model, dynamic=False), compiled_shape=shape)
-        try:
-            compiled(np.zeros(shape, np.float32))
-        except Exception as exc:  # any compiler failure: eager is always correct
-            warnings.warn(f"torch.compile failed, running eagerly: {str(exc).splitlines()[0][:200]}", stacklevel=3)
-            return False
-        self.runner = compiled
-        return True
+    def _song(self, blocks, sample_rate: int, channels: int, overlap: int | None, on_progress, expected_length: int | None,
+              tta: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        raise NotImplementedError
 
     @property
-    def sample_rate(self) -> int:
-        return self.config.audio.sample_rate
+    def stems(self) -> tuple[str, ...]:
+        return self.layout.names
 
-    @property
-    def min_samples(self) -> int:
-        """Shortest input we separate: one STFT window at the model's rate (46 ms for 1297)."""
-        return self.config.model.stft_n_fft
-
-    def _overlap(self, overlap: int | None) -> int:
-        overlap = self.config.inference.num_overlap if overlap is None else overlap
-        if not isinstance(overlap, int) or not 1 <= overlap <= MAX_OVERLAP:
-            raise StemsepError(f"overlap must be an integer from 1 to {MAX_OVERLAP}, got {overlap!r}")
-        return overlap
+    def chosen_stems(self, stems: Sequence[str] | None) -> tuple[str, ...]:
+        """`stems` checked against the model's, in the model's order (None: all of them)."""
+        if stems is None:
+            return self.stems
+        unknown = [s for s in stems if s not in self.stems]
+        if unknown or not stems:
+            what = f"unknown stem {unknown[0]!r}" if unknown else "no stems chosen"
+            raise StemsepError(f"{what}: this model gives {', '.join(self.stems)}")
+        return tuple(s for s in self.stems if s in stems)
 
     def separate_array(
         self,
@@ -161,101 +75,20 @@ class Separator:
         sample_rate: int,
         overlap: int | None = None,
         on_progress: ProgressCallback | None = None,
+        tta: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Separate `mix` (channels, samples) at `sample_rate`; float32 stems of the same shape."""
+        """Separate `mix` (channels, samples) at `sample_rate`; float32 stems of the same shape,
+        by name, in :attr:`stems` order. `tta` averages the network over test-time
+        augmentations (see :func:`stemsep.inference.augmented_mean`): 3x the network time."""
         mix = np.asarray(mix, dtype=np.float32)
         if mix.ndim != 2 or mix.shape[0] < 1:
             raise StemsepError(f"audio must be shaped (channels, samples), got shape {mix.shape}")
         if not np.isfinite(mix).all():
             raise AudioDecodeError("audio contains NaN or infinite samples")
-        pairs = list(self._stream([mix], sample_rate, mix.shape[0], self._overlap(overlap), on_progress, mix.shape[1]))
-        vocals = np.concatenate([v for _, v in pairs], axis=-1)
-        return {"vocals": vocals, "instrumental": mix - vocals}
-
-    def _check_length(self, length: int, sample_rate: int) -> None:
-        if audio.resampled_length(length, sample_rate, self.sample_rate) < self.min_samples:
-            raise AudioDecodeError(
-                f"audio is too short to separate ({length} samples at {sample_rate} Hz; "
-                f"need at least {self.min_samples / self.sample_rate * 1000:.0f} ms)"
-            )
-
-    def _stream(
-        self,
-        blocks: Iterable[np.ndarray],
-        sample_rate: int,
-        channels: int,
-        overlap: int,
-        on_progress: ProgressCallback | None,
-        expected_length: int | None,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Separate a signal arriving as (channels, n) blocks at `sample_rate`; yield aligned
-        (mix, vocals) blocks at that rate which together cover the input exactly.
-
-        Resampling treats the world outside the file as silence, so a file that starts or ends
-        mid-waveform would ring for a few ms at its borders: the signal is extended by
-        reflection (RESAMPLE_PAD_S each side) before resampling and trimmed afterwards. Memory
-        stays a few chunks whatever the length; one block gives the same samples as many.
-        """
-        pad_wanted = 0 if sample_rate == self.sample_rate else round(RESAMPLE_PAD_S * sample_rate)
-        to_model = audio.StreamResampler(sample_rate, self.sample_rate, channels)
-        to_input = audio.StreamResampler(self.sample_rate, sample_rate, channels)
-        expected = expected_length and audio.resampled_length(expected_length + 2 * pad_wanted, sample_rate, self.sample_rate)
-        chunks = StreamingSeparation(
-            self.runner, groups=(channels + 1) // 2, channels=2, chunk=self.config.audio.chunk_size, overlap=overlap,
-            batch_size=self.batch_size, on_progress=on_progress, expected_length=expected,
-        )
-        mix_waiting: list[np.ndarray] = []  # input blocks whose vocals have not come out yet
-        pending: list[np.ndarray] = []  # input held until the leading reflection can be made
-        tail = np.zeros((channels, 0), np.float32)  # the last pad + 1 input samples
-        pad: int | None = None
-        received = delivered = skipped = 0
-
-        def network(x: np.ndarray, last: bool = False) -> np.ndarray:
-            """Input-rate samples -> vocals at the input rate (not yet trimmed); `last` flushes."""
-            x = to_model.process(x)
-            if last:
-                x = np.concatenate([x, to_model.flush()], axis=-1)
-            pairs = chunks.push(to_stereo_pairs(x))  # (pairs, 2, n)
-            if last:
-                pairs = np.concatenate([pairs, chunks.finish()], axis=-1)
-            y = to_input.process(from_stereo_pairs(pairs, channels))
-            return np.concatenate([y, to_input.flush()], axis=-1) if last else y
-
-        def deliver(vocals: np.ndarray, upto: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            """Drop the leading padding, pair with the mix, never beyond input sample `upto`."""
-            nonlocal delivered, skipped
-            cut = min(vocals.shape[-1], pad - skipped)
-            skipped += cut
-            vocals = vocals[:, cut : cut + upto - delivered]
-            if vocals.shape[-1]:
-                mix = _take(mix_waiting, vocals.shape[-1])
-                delivered += vocals.shape[-1]
-                yield mix, vocals
-
-        for block in blocks:
-            block = np.asarray(block, np.float32)
-            received += block.shape[-1]
-            mix_waiting.append(block)
-            if pad is None:
-                pending.append(block)
-                if received <= pad_wanted:
-                    continue
-                pad, block = pad_wanted, np.concatenate(pending, axis=-1)
-                pending = []
-                block = np.concatenate([block[:, pad:0:-1], block], axis=-1)  # mirror of samples 1..pad
-            tail = np.concatenate([tail, block], axis=-1)[:, -(pad + 1) :]
-            yield from deliver(network(block), received)
-
-        self._check_length(received, sample_rate)
-        if pad is None:  # shorter than the padding: reflect the whole (short) signal at once
-            pad = min(pad_wanted, received - 1)
-            whole = np.concatenate(pending, axis=-1)
-            tail = whole
-            yield from deliver(network(np.pad(whole, [(0, 0), (pad, 0)], mode="reflect")), received)
-        end = tail[:, -2 : -pad - 2 : -1] if pad else tail[:, :0]  # mirror of the last samples
-        yield from deliver(network(end, last=True), received)
-        if delivered < received:  # resampling rounded a sample off the end
-            yield _take(mix_waiting, received - delivered), np.zeros((channels, received - delivered), np.float32)
+        blocks = list(self._song([mix], sample_rate, mix.shape[0], _check_overlap(overlap), on_progress, mix.shape[1], tta))
+        estimates = np.concatenate([e for _, e in blocks], axis=-1)  # (stems, channels, samples)
+        stems, _ = stem_samples(self.layout, mix, estimates)
+        return stems
 
     def separate(
         self,
@@ -267,98 +100,251 @@ class Separator:
         on_progress: ProgressCallback | None = None,
         name: str | None = None,
         max_duration_s: float | None = None,
+        stems: Sequence[str] | None = None,
+        tta: bool = False,
+        bitrate_kbps: int | None = None,
     ) -> dict[str, Path]:
-        """Separate a file; write `<name>_vocals.<ext>` and `<name>_instrumental.<ext>` into
-        `output_dir` (name defaults to the input's name without extension). Returns the paths.
+        """Separate a file; write `<name>_<stem>.<ext>` for each of `stems` (default: all of
+        :attr:`stems`) into `output_dir` (created with its parents if missing; name defaults
+        to the input's name without extension). Returns the paths by stem. A complement is
+        computed from the network's target whether or not the target is written, so any
+        choice of stems costs one network pass (three with `tta`, see :meth:`separate_array`).
 
         The file is decoded, separated and written block by block, so memory does not grow
-        with its length. Both outputs appear together or not at all. Inputs longer than
+        with its length. The stems appear together or not at all. Inputs longer than
         `max_duration_s` (default $STEMSEP_MAX_DURATION_S, else 3 hours) are refused first.
+
+        `output_format` is wav or flac (`bit_depth`: auto keeps the input's precision, 16, 24
+        or 32 = float WAV), or mp3, m4a or opus (`bitrate_kbps`, default per format; see
+        :mod:`stemsep.compressed`). Lossy stems no longer add up to the mix exactly, and Opus
+        is always written at 48 kHz.
         """
         input_path, output_dir = Path(os.fsdecode(input_path)), Path(os.fsdecode(output_dir))  # bytes too
-        overlap = self._overlap(overlap)
-        if not output_dir.is_dir():
-            raise AudioEncodeError(f"output folder {output_dir} does not exist")
-        if not os.access(output_dir, os.W_OK):
-            raise AudioEncodeError(f"output folder {output_dir} is not writable")
+        overlap = _check_overlap(overlap)
+        wanted = self.chosen_stems(stems)
+        _make_output_dir(output_dir)
         limit = max_duration_s or float(os.environ.get("STEMSEP_MAX_DURATION_S", DEFAULT_MAX_DURATION_S))
         reader = audio.AudioReader(input_path, max_duration_s=limit)
-        subtype = audio.output_subtype(reader, output_format, bit_depth)
+        sample_rate, channels = reader.header.sample_rate, reader.header.channels
+        ext = output_format.strip().lower() if isinstance(output_format, str) else output_format
         frames = reader.estimated_frames
-        if frames and frames / reader.sample_rate > limit:
+        if ext in COMPRESSED_FORMATS:
+            subtype, encoding = None, encode_settings(ext, sample_rate, channels, bitrate_kbps)
+            stem_bytes = encoding.estimated_bytes(frames or 0)
+        else:
+            if bitrate_kbps is not None:
+                raise AudioEncodeError(f"a bitrate applies to {', '.join(COMPRESSED_FORMATS)} output, not {ext}")
+            subtype = audio.output_subtype(reader.header, ext, bit_depth)
+            stem_bytes = (frames or 0) * channels * audio.bytes_per_sample(subtype)
+        if frames and frames / reader.header.sample_rate > limit:
             raise AudioDecodeError(
-                f"{reader.name}: {_clock(frames / reader.sample_rate)} long, over the {_clock(limit)} limit "
+                f"{reader.name}: {_clock(frames / reader.header.sample_rate)} long, over the {_clock(limit)} limit "
                 "(STEMSEP_MAX_DURATION_S)"
             )
-        ext = output_format.lower()
-        name = name or _fit_name(input_path.stem, ext)
-        paths = {stem: output_dir / f"{name}_{stem}.{ext}" for stem in STEMS}
-        _check_free_space(output_dir, 2 * (frames or 0) * reader.channels * audio.bytes_per_sample(subtype))
+        name = name or _fit_name(input_path.stem, ext, self.stems)
+        paths = {stem: output_dir / f"{name}_{stem}.{ext}" for stem in wanted}
+        _check_free_space(output_dir, len(paths) * stem_bytes)
 
-        clipping = {stem: audio.ClipReport() for stem in STEMS}
-        writers: dict[str, audio.AudioWriter] = {}
         heard = False
-        try:
-            for stem in STEMS:
-                writers[stem] = audio.AudioWriter(
-                    paths[stem], reader.sample_rate, reader.channels, subtype, ext, expected_frames=frames
-                )
+        with audio.StemWriter(paths, sample_rate, channels, subtype, ext, bitrate_kbps=bitrate_kbps,
+                              expected_frames=frames) as writer:
             try:
-                for mix, vocals in self._stream(reader.blocks(), reader.sample_rate, reader.channels, overlap, on_progress, frames):
+                for mix, estimates in self._song(reader.blocks(), sample_rate, channels, overlap, on_progress, frames, tta):
                     heard = heard or bool(np.any(mix))
-                    stems, clipped = stem_samples(mix, vocals, subtype)
-                    for stem in STEMS:
-                        writers[stem].write(stems[stem])
-                        clipping[stem] += clipped.get(stem, audio.ClipReport())
+                    writer.write(*stem_samples(self.layout, mix, estimates, subtype))
             except AudioDecodeError as exc:
-                if str(exc).startswith(f"{reader.name}: "):
+                if exc.file is not None:
                     raise
-                raise AudioDecodeError(f"{reader.name}: {exc}") from None
+                raise AudioDecodeError(str(exc), file=reader.name) from None
             if not heard:
-                raise AudioDecodeError(f"{reader.name}: the audio is silent (every sample is zero), nothing to separate")
-            writers["vocals"].close()
-            try:
-                writers["instrumental"].close()
-            except BaseException:
-                paths["vocals"].unlink(missing_ok=True)
-                raise
-        except BaseException:
-            for writer in writers.values():
-                writer.abort()
-            raise
-        for stem in STEMS:
-            report = clipping[stem]
+                raise AudioDecodeError("the audio is silent (every sample is zero), nothing to separate", file=reader.name)
+        for stem, report in writer.clip.items():
             if report.samples:
                 warnings.warn(
                     ClippingWarning(
-                        f"{paths[stem].name}: {report.samples} samples clipped (peak {report.peak:.3f} "
-                        f"= {20 * np.log10(report.peak):+.2f} dBFS); choose --bit-depth 32 to keep them"
+                        f"{report.samples} samples clipped (peak {report.peak:.3f} = {20 * np.log10(report.peak):+.2f} "
+                        "dBFS); choose WAV with bit depth 32 (float) to keep them", file=paths[stem].name,
                     ),
                     stacklevel=2,
                 )
         return paths
 
 
-def _take(blocks: list[np.ndarray], n: int) -> np.ndarray:
-    """Remove and return the first `n` samples of a queue of (channels, m) blocks."""
-    out, have = [], 0
-    while have < n:
-        block = blocks[0]
-        need = n - have
-        if block.shape[-1] <= need:
-            out.append(blocks.pop(0))
-            have += block.shape[-1]
-        else:
-            out.append(block[:, :need])
-            blocks[0] = block[:, need:]
-            have = n
-    return np.concatenate(out, axis=-1)
+class Separator(_Separation):
+    """Load a model once; separate arrays or files into its stems.
+
+    `model` names a model of the catalogue (`stemsep.catalogue`; default 1297), whose files
+    are looked for in the weights folder (`$STEMSEP_WEIGHTS_DIR`, else `weights/`);
+    `checkpoint`/`config` take any other model's files instead. `batch_size` chunks go through the network per
+    forward pass (default: the config's on CPU, chosen from free memory on a GPU).
+    `precision` is "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16" or "fp16": autocast for
+    the transformers; STFT, iSTFT and the mask multiply stay fp32. `compile=True` runs the
+    network through `torch.compile` (compiled and warmed up here, falling back to eager with a
+    warning if compilation fails). `stems` names what a separation gives, in order.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        config: str | Path | None = None,
+        device: str | torch.device = "auto",
+        batch_size: int | None = None,
+        precision: str = "auto",
+        compile: bool = False,
+        *,
+        model: str | None = None,
+    ):
+        if checkpoint is None or config is None:
+            default_checkpoint, default_config = catalogue.model_paths(model)  # one sentence if missing
+            checkpoint, config = checkpoint or default_checkpoint, config or default_config
+        self.model_files = (Path(checkpoint), Path(config))
+        self.config: Config = load_config(config)
+        self.layout: StemLayout = stem_layout(self.config)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = load_model(checkpoint, self.config, self.device)
+        cfg = self.config
+        tokens = (cfg.audio.chunk_size // cfg.model.stft_hop_length + 1) * len(self.model.band_split.to_features)
+        self.batch_size = batch_size or default_batch_size(tokens, cfg.model.dim, self.device, self.precision) or cfg.inference.batch_size
+        if self.batch_size < 1:
+            raise StemsepError(f"batch size must be at least 1, got {self.batch_size}")
+        self.runner = BatchRunner(self.model, self.device, PRECISIONS[self.precision])
+        self.compiled = compile and self._compile()
+
+    def _compile(self) -> bool:
+        """torch.compile for one fixed batch shape, warmed up now so the first song pays nothing.
+        True if it compiled; False, with a warning, if it fell back to eager."""
+        shape = (self.batch_size, self.channels, self.config.audio.chunk_size)
+        compiled = BatchRunner(self.model, self.device, PRECISIONS[self.precision],
+                               compiled=torch.compile(self.model, dynamic=False), compiled_shape=shape)
+        try:
+            compiled(np.zeros(shape, np.float32))
+        except Exception as exc:  # any compiler failure: eager is always correct
+            warnings.warn(f"torch.compile failed, running eagerly: {first_line(exc)}", stacklevel=3)
+            return False
+        self.runner = compiled
+        return True
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.audio.sample_rate
+
+    @property
+    def channels(self) -> int:
+        """Channels the network takes: 2 for a stereo model, 1 for a mono one."""
+        return 2 if self.config.model.stereo else 1
+
+    @property
+    def min_samples(self) -> int:
+        """Shortest input we separate: one STFT window at the model's rate (46 ms for 1297)."""
+        return self.config.model.stft_n_fft
 
 
-def _fit_name(stem: str, ext: str) -> str:
+    def _song(self, blocks, sample_rate: int, channels: int, overlap: int, on_progress, expected_length: int | None,
+              tta: bool = False):
+        """(mix, estimates) blocks of a song: see :func:`stemsep.inference.separate_song`."""
+        return separate_song(
+            self.runner.with_tta(tta), blocks, sample_rate=sample_rate, model_rate=self.sample_rate, channels=channels,
+            width=self.channels, stems=len(self.layout.predicted), chunk=self.config.audio.chunk_size,
+            overlap=overlap or self.config.inference.num_overlap, batch_size=self.batch_size, min_samples=self.min_samples, on_progress=on_progress,
+            expected_length=expected_length,
+        )
+
+class Ensemble(_Separation):
+    """Several models as one: the mean of their estimates of the same stems (MSST's
+    `avg_wave`), then the complement from that mean, so PCM stems still add up to the mix.
+
+    Every member must give the same stems (the same target); each is loaded once, by the
+    caller, as a :class:`Separator`. The song is decoded once and shared; each member runs its
+    own chunk schedule at its own rate, one after the other per block, and the estimates are
+    averaged at the song's rate (resampling is linear: the same mean as at a shared model
+    rate, to round-off). Memory stays a few chunks per member.
+    """
+
+    def __init__(self, members: Sequence[Separator]):
+        if len(members) < 2:
+            raise StemsepError("an ensemble needs at least two models")
+        self.members = tuple(members)
+        self.layout = members[0].layout
+        for member in self.members[1:]:
+            if member.layout != self.layout:
+                raise StemsepError(
+                    f"models of an ensemble must give the same stems: {members[0].model_files[0].name} gives "
+                    f"{', '.join(self.layout.names)}, {member.model_files[0].name} gives {', '.join(member.layout.names)}"
+                )
+
+    def _song(self, blocks, sample_rate: int, channels: int, overlap: int | None, on_progress, expected_length: int | None,
+              tta: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        done = [0] * len(self.members)
+        total = [0] * len(self.members)
+
+        def progress_of(i: int) -> ProgressCallback | None:
+            if on_progress is None:
+                return None
+
+            def report(d: int, t: int) -> None:
+                done[i], total[i] = d, t
+                on_progress(sum(done), sum(total))
+
+            return report
+
+        copies = itertools.tee(blocks, len(self.members))
+        songs = [
+            member._song(copy, sample_rate, channels, overlap, progress_of(i), expected_length, tta)
+            for i, (member, copy) in enumerate(zip(self.members, copies))
+        ]
+        return _mean_of(songs)
+
+
+def _mean_of(songs: list[Iterator[tuple[np.ndarray, np.ndarray]]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Merge songs' (mix, estimates) blocks, which cover the same input but in blocks of
+    different sizes, into (mix, mean of the estimates) blocks: pull from whichever song is
+    furthest behind, hand out what all of them have."""
+    mixes: list[np.ndarray] = []  # the first song's mix blocks not yet handed out
+    held: list[list[np.ndarray]] = [[] for _ in songs]  # each song's estimates not yet handed out
+    have = [0] * len(songs)
+    ended = [False] * len(songs)
+    while not all(ended):
+        i = min((j for j in range(len(songs)) if not ended[j]), key=lambda j: have[j])
+        try:
+            mix, estimates = next(songs[i])
+        except StopIteration:
+            ended[i] = True
+            continue
+        held[i].append(estimates)
+        have[i] += estimates.shape[-1]
+        if i == 0:
+            mixes.append(mix)
+        ready = min(have)
+        if ready:
+            parts = [take(h, ready) for h in held]
+            have = [n - ready for n in have]
+            yield take(mixes, ready), sum(parts[1:], parts[0]) / len(parts)
+
+
+def _check_overlap(overlap: int | None) -> int | None:
+    """`overlap` if it is valid; None stands for each model's own setting."""
+    if overlap is not None and (not isinstance(overlap, int) or isinstance(overlap, bool) or not 1 <= overlap <= MAX_OVERLAP):
+        raise StemsepError(f"overlap must be an integer from 1 to {MAX_OVERLAP}, got {overlap!r}")
+    return overlap
+
+
+def _make_output_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise AudioEncodeError(f"output folder {folder} exists but is not a folder") from None
+    except OSError as exc:
+        raise AudioEncodeError(f"output folder {folder} cannot be created ({exc.strerror or first_line(exc)})") from None
+    if not os.access(folder, os.W_OK):
+        raise AudioEncodeError(f"output folder {folder} is not writable")
+
+
+def _fit_name(stem: str, ext: str, stems: tuple[str, ...]) -> str:
     """`stem` shortened until the longest file written for it fits in a file name (255 bytes):
-    the writer's temporary `.<stem>_instrumental.<ext>.<8 hex digits>.part`."""
-    room = 255 - len(f"._instrumental.{ext}.01234567.part")
+    the writer's temporary `.<stem>_<longest stem>.<ext>.<8 hex digits>.part`."""
+    longest = max(stems, key=len)
+    room = 255 - len(f"._{longest}.{ext}.01234567.part")
     while len(os.fsencode(stem)) > room:
         stem = stem[:-1]
     return stem
@@ -376,23 +362,3 @@ def _check_free_space(folder: Path, needed: int) -> None:
             f"not enough free disk space in {folder} for the stems: about {needed / 2**20:.0f} MB needed, "
             f"{free / 2**20:.0f} MB free"
         )
-
-
-def stem_samples(mix: np.ndarray, vocals: np.ndarray, subtype: str) -> tuple[dict[str, np.ndarray], dict[str, audio.ClipReport]]:
-    """The two stems as they will be written, and what clipping each needed.
-
-    Float output: float32, instrumental = mix - vocals. PCM output: integers, with
-    instrumental = quantized mix - quantized (clipped) vocals, so the written stems sum to
-    the mix bit-exactly; only an instrumental sample outside the integer range breaks that,
-    and it is clipped and counted."""
-    bits = audio.PCM_BITS.get(subtype)
-    if bits is None:
-        return {"vocals": vocals, "instrumental": mix - vocals}, {}
-    mix_q, _ = audio.quantize(mix, bits)  # exact for input of this or lower bit depth
-    vocals_q, vocals_clip = audio.quantize(vocals, bits)
-    instrumental = mix_q.astype(np.int64) - vocals_q
-    limit = 1 << (bits - 1)
-    out_of_range = (instrumental < -limit) | (instrumental >= limit)
-    instrumental_clip = audio.ClipReport(int(out_of_range.sum()), float(np.abs(instrumental).max(initial=0)) / limit)
-    instrumental = np.clip(instrumental, -limit, limit - 1).astype(vocals_q.dtype)
-    return {"vocals": vocals_q, "instrumental": instrumental}, {"vocals": vocals_clip, "instrumental": instrumental_clip}
