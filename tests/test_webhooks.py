@@ -23,9 +23,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cogserver import free_port, wait_for
 from standardwebhooks import Webhook
 
-from cogserver import free_port, wait_for
 from stemsep.webhooks import WEBHOOK_PATH, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +270,7 @@ def test_a_four_minute_old_timestamp_is_still_accepted(receiver):
 
 
 def test_a_signed_body_that_is_not_a_prediction_gets_400(receiver):
-    for body in (b"not json", b"[1, 2]", json.dumps({"id": "../../etc", "status": "succeeded"}).encode(),
+    for body in (b"not json", b"[1, 2]", json.dumps({"id": "../../etc", "status": "succeeded"}).encode(),  # not a path
                  json.dumps({"id": "abc", "status": "weird"}).encode()):
         assert receiver.post(body, signed(body)).status_code == 400
 
@@ -479,7 +479,7 @@ def cog(tmp_path_factory):
     """The real Cog HTTP server (coglet) running predict.py on a tiny random-weight model."""
     if not PREDICT_PY.is_file():
         pytest.skip("predict.py is not there yet")
-    from stemsep.synthetic import TINY_MODEL, config_dict, make_model_files
+    from stemsep.testing import TINY_MODEL, config_dict, make_model_files
 
     root = tmp_path_factory.mktemp("cog")
     checkpoint, config = make_model_files(root / "model", config_dict(model=TINY_MODEL))

@@ -34,9 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from stemsep.errors import RemoteError, StemsepError
-from stemsep.remote import TERMINAL_STATUSES, DownloadInterrupted, download, stem_urls, url_extension
+from stemsep.remote import (
+    TERMINAL_STATUSES,
+    DownloadInterrupted,
+    download,
+    stem_urls,
+    url_extension,
+)
 
-WEBHOOK_PATH = "/webhooks/replicate"  # the path in the tech design
+WEBHOOK_PATH = "/webhooks/replicate"  # where an app receives Replicate's deliveries
 DB_NAME = "webhooks.sqlite3"
 PREDICTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # also a folder name in the store
 STATUSES = ("starting", "processing", *TERMINAL_STATUSES)
