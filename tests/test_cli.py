@@ -11,8 +11,7 @@ import time
 import pytest
 import soundfile as sf
 
-from stemsep.synthetic import make_model_files
-from test_separator import FAST_CONFIG, tones
+from stemsep.testing import FAST_CONFIG, make_model_files, tones
 
 STEMSEP = [sys.executable, "-m", "stemsep.cli"]
 
@@ -80,8 +79,9 @@ def test_missing_default_weights_say_how_to_get_them(tmp_path):
     env = {**os.environ, "STEMSEP_WEIGHTS_DIR": str(tmp_path / "no-weights")}
     result = subprocess.run([*STEMSEP, "separate", str(song)], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"stemsep: error: weights not downloaded: {tmp_path}/no-weights/"
-                                     "model_bs_roformer_ep_317_sdr_12.9755.ckpt is missing; run `stemsep weights download`")
+    assert result.stderr.strip() == (f"stemsep: error: model 1297 is not downloaded ({tmp_path}/no-weights/"
+                                     "model_bs_roformer_ep_317_sdr_12.9755.ckpt is missing): "
+                                     "download it first (stemsep models download 1297)")
 
 
 def test_ctrl_c_stops_and_leaves_no_files(model, tmp_path):
@@ -98,3 +98,73 @@ def test_ctrl_c_stops_and_leaves_no_files(model, tmp_path):
     assert process.returncode == 130, stderr
     assert stderr.strip() == "stemsep: error: interrupted"
     assert list(out.iterdir()) == []
+
+
+# folders, chosen stems, quality mode -------------------------------------------------------------
+
+
+def test_a_folder_is_separated_recursively_mirrored_and_summarized(model, tmp_path):
+    album = tmp_path / "album"
+    (album / "disc 2").mkdir(parents=True)
+    (album / "empty").mkdir()
+    sf.write(album / "01 intro.wav", tones(44100, 22050, 2).T, 44100, subtype="PCM_16")
+    sf.write(album / "disc 2" / "02 song.flac", tones(48000, 24000, 1).T, 48000, subtype="PCM_24")
+    (album / "cover.txt").write_text("not audio")
+    out = tmp_path / "out"
+    result = run(["separate", str(album), "-o", str(out)], model)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(out / "01 intro_vocals.wav"), str(out / "01 intro_instrumental.wav"),
+                                     str(out / "disc 2" / "02 song_vocals.wav"), str(out / "disc 2" / "02 song_instrumental.wav")]
+    assert result.stderr.splitlines() == ["stemsep: skipping cover.txt: not audio",
+                                          "stemsep: 2 separated, 1 skipped (not audio), 0 failed"]
+    assert sf.info(out / "disc 2" / "02 song_vocals.wav").samplerate == 48000
+
+
+def test_an_empty_folder_separates_nothing_and_succeeds(model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run(["separate", str(tmp_path / "empty"), "-o", str(tmp_path / "out")], model)
+    assert result.returncode == 0 and result.stdout == ""
+    assert result.stderr.strip() == "stemsep: 0 separated, 0 skipped (not audio), 0 failed"
+
+
+def test_an_unreadable_subfolder_is_a_failure_and_the_rest_is_separated(model, tmp_path, monkeypatch, capsys):
+    """Run in this process, so that as root (who reads any folder) the refusal is made by
+    os.scandir raising what it raises for everyone else."""
+    from stemsep import cli
+
+    album = tmp_path / "album"
+    locked = album / "locked"
+    locked.mkdir(parents=True)
+    sf.write(album / "a.wav", tones(44100, 22050, 2).T, 44100, subtype="PCM_16")
+    sf.write(locked / "b.wav", tones(44100, 22050, 2).T, 44100, subtype="PCM_16")
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if os.fspath(path) == str(locked):
+                raise PermissionError(13, "Permission denied", str(locked))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        code = cli.main(["separate", str(album), "-o", str(tmp_path / "out"),
+                         "--checkpoint", str(model[0]), "--config", str(model[1])])
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"stemsep: error: cannot read folder {locked} (Permission denied)" in err.splitlines()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_instrumental.wav", "a_vocals.wav"]
+
+
+def test_chosen_stems_write_only_those_and_an_unknown_one_lists_the_models(model, tmp_path):
+    song = tmp_path / "song.wav"
+    sf.write(song, tones(44100, 22050, 2).T, 44100, subtype="PCM_16")
+    result = run(["separate", str(song), "-o", str(tmp_path / "out"), "--stems", "instrumental"], model)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["song_instrumental.wav"]
+    result = run(["separate", str(song), "-o", str(tmp_path / "out2"), "--stems", "vocals,drums"], model)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "stemsep: error: unknown stem 'drums': this model gives vocals, instrumental"
+    assert not (tmp_path / "out2").exists()
