@@ -39,8 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from cogserver import CogServer, cog_server, http  # noqa: E402
 
-from stemsep.separator import CHECKPOINT_NAME, CONFIG_NAME  # noqa: E402
-from stemsep.synthetic import TINY_MODEL, config_dict, make_model_files  # noqa: E402
+from stemsep.catalogue import DEFAULT, get  # noqa: E402
+from stemsep.testing import TINY_MODEL, config_dict, make_model_files  # noqa: E402
+
+CHECKPOINT_NAME, CONFIG_NAME = (f.name for f in get(DEFAULT).files)  # the names predict.py looks for
 
 WORK = ROOT / "benchmarks" / "work" / "cog_disk"
 RATE = 44100

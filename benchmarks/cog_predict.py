@@ -37,8 +37,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cogserver import start_server  # noqa: E402
 from separate import write_music  # noqa: E402
 
-from stemsep.separator import CHECKPOINT_NAME, CONFIG_NAME  # noqa: E402
-from stemsep.synthetic import CONFIG_1297, TINY_MODEL, config_dict, make_model_files  # noqa: E402
+from stemsep.catalogue import DEFAULT, get  # noqa: E402
+from stemsep.testing import CONFIG_1297, TINY_MODEL, config_dict, make_model_files  # noqa: E402
+
+CHECKPOINT_NAME, CONFIG_NAME = (f.name for f in get(DEFAULT).files)  # the names predict.py looks for
 
 WORK = ROOT / "benchmarks" / "work" / "cog_predict"
 

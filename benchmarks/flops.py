@@ -1,6 +1,6 @@
 """How much arithmetic the network does: FLOPs per chunk and per second of audio.
 
-Counted from the config, a multiply-add as 2 FLOPs, matrix products only (norms, GELU,
+Counted from the network, a multiply-add as 2 FLOPs, matrix products only (norms, GELU,
 softmax and the STFT are a fraction of a percent). The benchmarks divide by wall time and
 the GPU's peak to report model FLOP utilization; a test checks the count against torch's
 own FlopCounterMode.
@@ -8,35 +8,37 @@ own FlopCounterMode.
 
 from __future__ import annotations
 
-from stemsep.checkpoint import Config
+from torch import nn
+
+from stemsep.checkpoint import Config, build_model
+from stemsep.model import Attention
 
 
 def flops_per_chunk(config: Config) -> int:
-    """FLOPs of one forward pass over one chunk of `config.audio.chunk_size` samples."""
+    """FLOPs of one forward pass over one chunk of `config.audio.chunk_size` samples, read off
+    the network the config builds (on the meta device: no memory, no time), so any
+    architecture, band layout and stem count is counted as it runs."""
     m = config.model
+    network = build_model(config, device="meta")
     frames = config.audio.chunk_size // m.stft_hop_length + 1
-    bands = len(m.freqs_per_bands)
+    bands = len(network.band_split.to_features)
     tokens = frames * bands
-    d, inner, channels = m.dim, m.heads * m.dim_head, 2 if m.stereo else 1
-    widths = [2 * bins * channels for bins in m.freqs_per_bands]
 
-    band_split = sum(2 * frames * w * d for w in widths)
-    per_layer = (
-        2 * tokens * d * 3 * inner  # to_qkv
-        + 2 * tokens * d * m.heads  # to_gates
-        + 2 * tokens * inner * d  # to_out
-        + 2 * 2 * tokens * d * 4 * d  # feed-forward, 4x expansion
-    )
-    # Scores and weighted sum: 2 x (2 n^2 e) per head per sequence.
-    time_attention = 4 * bands * m.heads * frames**2 * m.dim_head  # `bands` sequences of `frames` tokens
-    freq_attention = 4 * frames * m.heads * bands**2 * m.dim_head  # `frames` sequences of `bands` tokens
-    transformers = m.depth * (
-        m.time_transformer_depth * (per_layer + time_attention) + m.freq_transformer_depth * (per_layer + freq_attention)
-    )
-    hidden = m.mlp_expansion_factor * d
-    mlp_dims = lambda w: [d, *[hidden] * (m.mask_estimator_depth - 1), 2 * w]  # noqa: E731
-    mask = sum(2 * frames * a * b for w in widths for a, b in zip(mlp_dims(w)[:-1], mlp_dims(w)[1:]))
-    return band_split + transformers + mask
+    def linears(module: nn.Module) -> int:  # multiply-adds of every Linear, per token it sees
+        return sum(layer.in_features * layer.out_features for layer in module.modules() if isinstance(layer, nn.Linear))
+
+    # Band split and mask estimators: one small MLP per band, each over that band's frames.
+    per_band = 2 * frames * (linears(network.band_split) + linears(network.mask_estimators))
+    # Transformers: every projection over every token, plus attention's scores and weighted
+    # sum, 2 x (2 n^2 e) per head per sequence: time attention over `bands` sequences of
+    # `frames` tokens, frequency attention over `frames` sequences of `bands` tokens.
+    transformers = 0
+    for time_transformer, freq_transformer in network.layers:
+        for transformer, sequences, length in ((time_transformer, bands, frames), (freq_transformer, frames, bands)):
+            attentions = sum(isinstance(layer, Attention) for layer in transformer.modules())
+            transformers += 2 * tokens * linears(transformer)
+            transformers += attentions * 4 * sequences * m.heads * length**2 * m.dim_head
+    return per_band + transformers
 
 
 def flops_per_second(config: Config) -> float:

@@ -9,7 +9,7 @@ or with `--config-preset cpu` the reduced network of `separate.py`'s CPU runs. R
   batch 1, timed in turns (reference, stemsep, reference, ...) so that a machine whose speed
   drifts slows both alike; on a GPU also stemsep in bf16 over `--batches` (and compiled,
   with `--compile`); median of `--reps` timed runs after a warm-up, in seconds per chunk;
-- on a GPU, model FLOP utilization: the FLOP count of `stemsep.flops` (checked against
+- on a GPU, model FLOP utilization: the FLOP count of `flops.py` (checked against
   torch's FlopCounterMode in the tests) over the time, against the GPU's datasheet dense
   peak and against a bf16 matrix product measured here;
 - peak RSS (and peak GPU memory).
@@ -33,11 +33,13 @@ from pathlib import Path
 
 import torch
 import yaml
+from flops import datasheet_peak_tflops, flops_per_chunk
+from separate import (
+    PRESETS,  # this folder's end-to-end benchmark: the same network sizes
+)
 
 from stemsep.checkpoint import _ConfigLoader, load_config, load_model
-from stemsep.flops import datasheet_peak_tflops, flops_per_chunk
-from stemsep.synthetic import CONFIG_1297, config_dict, write_checkpoint, write_config
-from separate import PRESETS  # this folder's end-to-end benchmark: the same network sizes
+from stemsep.testing import CONFIG_1297, config_dict, write_checkpoint, write_config
 
 
 def peak_rss_mb() -> float:
@@ -118,7 +120,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
-    from audio_separator.separator.uvr_lib_v5.roformer.bs_roformer import BSRoformer as Reference
+    from audio_separator.separator.uvr_lib_v5.roformer.bs_roformer import (
+        BSRoformer as Reference,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         config_path = write_config(Path(tmp) / "model.yaml", config_dict(model=PRESETS[args.config_preset]))

@@ -50,7 +50,7 @@ TOOLS = ("stemsep", "audio-separator")
 
 # Network sizes; the STFT, band layout and 8-s chunk are the 1297 config's in both.
 PRESETS = {
-    "cpu": {"dim": 128, "depth": 2, "heads": 8, "dim_head": 16},  # as measured in REFERENCE.md
+    "cpu": {"dim": 128, "depth": 2, "heads": 8, "dim_head": 16},  # the network audio-separator was first measured with here
     "depth1": {"depth": 1},  # 1297's layers at full width, one of its twelve: minutes on a CPU
     "full": {},
 }
@@ -134,7 +134,7 @@ def input_file(seconds: float, seed: int) -> Path:
 def model_files(preset: str) -> tuple[Path, Path]:
     """Random weights (seed 0) under the 1297 names, rewritten each run (deterministic)."""
     from stemsep.separator import CHECKPOINT_NAME
-    from stemsep.synthetic import CONFIG_1297, config_dict, make_model_files
+    from stemsep.testing import CONFIG_1297, config_dict, make_model_files
 
     chunk, hop = CONFIG_1297["audio"]["chunk_size"], CONFIG_1297["model"]["stft_hop_length"]
     config = config_dict(model=PRESETS[preset], inference={"dim_t": chunk // hop + 1})
@@ -174,7 +174,9 @@ def worker(args: argparse.Namespace) -> None:
     else:
         import logging
 
-        from audio_separator.separator import Separator as AudioSeparator  # nothing of stemsep in its process
+        from audio_separator.separator import (
+            Separator as AudioSeparator,  # nothing of stemsep in its process
+        )
     t1 = time.perf_counter()
 
     out_dir = Path(args.out_dir)
@@ -338,8 +340,9 @@ def audio_separator_chunk_count(length: int, chunk: int, step: int) -> int:
 
 def network_work(seconds: float, overlap: int, config_path: Path) -> dict:
     """Each tool's chunk count for this input and the FLOPs of one chunk (stemsep.flops)."""
+    from flops import flops_per_chunk
+
     from stemsep.checkpoint import load_config
-    from stemsep.flops import flops_per_chunk
     from stemsep.inference import plan_chunks
 
     config = load_config(config_path)
@@ -351,7 +354,7 @@ def network_work(seconds: float, overlap: int, config_path: Path) -> dict:
 
 def summarize(seconds: float, runs: dict[str, list[dict]], sdr: float, args: argparse.Namespace, machine_info: dict,
               work: dict) -> dict:
-    from stemsep.flops import datasheet_peak_tflops
+    from flops import datasheet_peak_tflops
 
     median = lambda key, tool: statistics.median(r[key] for r in runs[tool])  # noqa: E731
     entry: dict = {"audio_seconds": seconds, "overlap": args.overlap, "reps": args.reps, "threads": args.threads,
@@ -482,7 +485,7 @@ def main() -> None:
 
     from stemsep.checkpoint import _ConfigLoader
     from stemsep.reference import audio_separator_model_dir
-    from stemsep.synthetic import CONFIG_1297
+    from stemsep.testing import CONFIG_1297
 
     checkpoint, config = model_files(args.config_preset)
     model = {  # what the workers load: the same files (audio-separator's folder holds symlinks to them)

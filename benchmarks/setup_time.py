@@ -79,8 +79,10 @@ print(json.dumps({
 
 def full_size_checkpoint() -> tuple[Path, Path]:
     """A random 1297-shaped checkpoint under the 1297 names (written once, then reused)."""
-    from stemsep.separator import CHECKPOINT_NAME, CONFIG_NAME
-    from stemsep.synthetic import CONFIG_1297, make_model_files
+    from stemsep.catalogue import DEFAULT, get
+    from stemsep.testing import CONFIG_1297, make_model_files
+
+    CHECKPOINT_NAME, CONFIG_NAME = (f.name for f in get(DEFAULT).files)
 
     checkpoint, config = WORK / CHECKPOINT_NAME, WORK / CONFIG_NAME
     if not (checkpoint.exists() and config.exists()):

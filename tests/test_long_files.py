@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import soundfile as sf
 
-from stemsep.synthetic import config_dict, make_model_files
+from stemsep.testing import config_dict, make_model_files
 
 # The cheapest network that still runs the whole pipeline: coarse STFT, five bands.
 CHEAP = config_dict(
