@@ -496,8 +496,7 @@ def test_mutated_real_files_keep_the_contract(separator, samples, fuzz_root, kin
 
 def test_the_cli_prints_one_line_per_hostile_input_and_no_traceback(separator, samples, tmp_path):
     checkpoint, config = separator.model_files
-    inputs = {
-        "folder.wav": lambda p: p.mkdir(),
+    inputs = {  # (a folder is an input of its own: every audio file under it; see test_cli.py)
         "pipe.wav": lambda p: os.mkfifo(p),
         "empty.mp3": lambda p: p.write_bytes(b""),
         "notes.wav": lambda p: p.write_bytes(b"la la la\n" * 500),

@@ -159,7 +159,7 @@ class BatchRunner:
         except torch.OutOfMemoryError:
             if len(chunks) == 1:
                 raise StemsepError(
-                    "the GPU ran out of memory on a single chunk; free GPU memory or use --device cpu"
+                    "the GPU ran out of memory on a single chunk; free GPU memory or run on the CPU"
                 ) from None
             torch.cuda.empty_cache()
             self.max_batch, self.compiled = len(chunks) // 2, None  # the compiled shape is the one that did not fit

@@ -1,4 +1,4 @@
-"""Call the model hosted on Replicate, the way the tech design's callers do.
+"""Call the model hosted on Replicate from Python: one song, or a whole catalogue.
 
 Two ways in, both through the official `replicate` client:
 
@@ -560,7 +560,7 @@ class Manifest:
             if model and model != old_model:
                 raise RemoteError(
                     f"{self.path} was made with model {old_model}, not {model}: "
-                    "leave --model out to resume it, or use another output folder"
+                    "resume it without naming a model, or use another output folder"
                 )
             if inputs and inputs != old_inputs:
                 raise RemoteError(

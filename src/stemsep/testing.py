@@ -210,7 +210,7 @@ def tones(sample_rate: int, frames: int, channels: int, level: float = 0.25, see
 
 def db(x: float) -> float:
     """An amplitude in dB (full scale = 0)."""
-    return 20 * math.log10(max(x, 1e-300))
+    return 20 * math.log10(max(float(x), 1e-300))
 
 
 def snr(reference: np.ndarray, estimate: np.ndarray) -> float:

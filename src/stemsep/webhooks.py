@@ -319,8 +319,8 @@ def create_app(
     if verify:
         if not secret:
             raise StemsepError(
-                "no webhook signing secret: pass --secret or set REPLICATE_WEBHOOK_SECRET"
-                " (or --insecure-no-verify for local tests)"
+                "no webhook signing secret: give the whsec_... secret or set REPLICATE_WEBHOOK_SECRET"
+                " (or turn verification off, for local tests only)"
             )
         verifier = _verifier(secret)
     else:
