@@ -15,6 +15,7 @@ import http.server as http_server
 import io
 import json
 import re
+import tempfile
 import sys
 import threading
 import time
@@ -26,15 +27,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from cogserver import REPO, cog_server, http, wait_for
-from stemsep.separator import CHECKPOINT_NAME, CONFIG_NAME, MAX_OVERLAP
-from stemsep.synthetic import TINY_MODEL, config_dict, make_model_files
+
+from stemsep import audio
+from stemsep.reference import CHECKPOINT_NAME, CONFIG_NAME
+from stemsep.separator import MAX_OVERLAP
+from stemsep.testing import TINY_MODEL, config_dict, make_model_files, tones
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
-import predict  # noqa: E402
 import write_cog_schema  # noqa: E402
+
+import predict  # noqa: E402
 
 RATE = 44100
 CHUNK = RATE // 4  # 0.25-s chunks: one takes a few milliseconds with the tiny network
@@ -75,8 +79,9 @@ def predictions(work: Path) -> list[Path]:
 
 
 def leftovers(work: Path) -> list[Path]:
-    """Everything in the runner's work folder but the reference engine's model links."""
-    return sorted(p for p in work.rglob("*") if "audio-separator-models" not in p.parts)
+    """Everything in the runner's work folder but the reference engine's model links and the
+    worker's temp folder itself (what is in it counts)."""
+    return sorted(p for p in work.rglob("*") if "audio-separator-models" not in p.parts and p != work / predict.WORKER_TMP)
 
 
 # local HTTP peers: input files, uploads, webhooks -------------------------------------------
@@ -397,7 +402,7 @@ def test_async_prediction_sends_one_terminal_webhook(upload_server, peer, tmp_pa
 @pytest.mark.parametrize(
     "bad_input",
     [
-        {"output_format": "mp3"},
+        {"output_format": "ogg"},
         {"bit_depth": "8"},
         {"engine": "demucs"},
         {"overlap": 0},
@@ -438,7 +443,7 @@ def test_cancel_stops_between_chunks_and_leaves_nothing_behind(server, work_dir)
         running = pool.submit(
             http, "PUT", f"{server.url}/predictions/long-1", {"input": {"audio": data_url(long_song), "overlap": MAX_OVERLAP}}, None, WAIT
         )
-        wait_for(lambda: re.search(r'"separating: \d+/\d+ chunks","prediction_id":"long-1"', server.logs()), what="the first chunks")
+        wait_for(lambda: re.search(r'\| \d+/\d+ \[chunks\]","prediction_id":"long-1"', server.logs()), what="the first chunks")
         busy = server.predict({"input": {"audio": data_url(wav_bytes(song(0.2)))}}, timeout=10, wait_ready=False)
         assert busy.status == 409
         assert len(predictions(work_dir)) == 1
@@ -447,7 +452,7 @@ def test_cancel_stops_between_chunks_and_leaves_nothing_behind(server, work_dir)
         r = running.result(timeout=WAIT)
         latency = time.monotonic() - canceled_at
     assert r.json()["status"] == "canceled"
-    total = int(re.findall(r'"separating: \d+/(\d+) chunks","prediction_id":"long-1"', server.logs())[0])
+    total = int(re.findall(r'\| \d+/(\d+) \[chunks\]","prediction_id":"long-1"', server.logs())[0])
     assert total > 1000  # many seconds of work were left
     assert latency < 1.0, f"cancel took {latency:.2f} s"
     assert leftovers(work_dir) == []
@@ -462,7 +467,7 @@ def predict_then_cancel(server, prediction_id: str, audio: str) -> str:
     """A sync prediction canceled once its first chunks have run; its final status."""
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(http, "PUT", f"{server.url}/predictions/{prediction_id}", {"input": {"audio": audio}}, None, WAIT)
-        started = rf'"separating: \d+/\d+ chunks","prediction_id":"{prediction_id}"'
+        started = rf'\| \d+/\d+ \[chunks\]","prediction_id":"{prediction_id}"'
         wait_for(lambda: re.search(started, server.logs()), what=f"the first chunks of {prediction_id}")
         assert server.cancel(prediction_id).status == 200
         r = running.result(timeout=WAIT)
@@ -539,34 +544,56 @@ def test_cog_yaml_builds_a_gpu_image_of_this_runner_with_pinned_packages():
 
     config = cog_yaml()
     build = config["build"]
-    assert build["gpu"] is True and build["python_version"] == "3.11" and build["cuda"] == "13.0"
+    assert build["gpu"] is True and build["python_version"] == "3.11" and build["cuda"] == "12.6"
     assert config["run"] == "predict.py:Runner" and "predict" not in config
     assert build["sdk_version"] == version("cog")
     pins = {}
     for line in (REPO / build["python_requirements"]).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
-        if line:
+        if line and not line.startswith("--"):  # --extra-index-url: torch's CUDA build
             name, _, pinned = line.partition("==")
             assert pinned, f"unpinned requirement: {line}"
             pins[name] = pinned
-    assert pins["torch"] == "2.13.0" and pins["audio-separator[gpu]"] == "0.47.1"
-    for name, pinned in pins.items():  # the versions the tests run with
-        assert version(name.split("[")[0]).split("+")[0] == pinned, name
+    assert pins["torch"] == "2.13.0+cu126" and pins["audio-separator[gpu]"] == "0.47.1"
+    gpu_only = {"onnxruntime-gpu"}  # the tests run onnxruntime, its CPU build
+    for name, pinned in pins.items():  # the versions the tests run with (torch: its CPU build)
+        if name not in gpu_only:
+            assert version(name.split("[")[0]).split("+")[0] == pinned.split("+")[0], name
 
 
 def weight_steps() -> list[str]:
     return [step for step in cog_yaml()["build"]["run"] if "sha256sum" in step]
 
 
-def test_build_steps_fetch_the_weights_from_the_same_mirrors_with_the_same_checksums():
-    from stemsep.weights import WEIGHT_FILES
+def baked_models() -> tuple[str, ...]:
+    """predict.py's BAKED_MODELS, read without importing the runner (and Cog) here."""
+    import ast
 
+    tree = ast.parse((REPO / "predict.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "BAKED_MODELS")
+    return ast.literal_eval(node.value)
+
+
+def test_the_model_input_offers_exactly_the_baked_models_default_first():
+    import json
+
+    from stemsep import catalogue
+
+    schema = json.loads((REPO / ".cog" / "openapi_schema.json").read_text())["components"]["schemas"]
+    assert tuple(schema["model"]["enum"]) == baked_models()
+    assert baked_models()[0] == schema["Input"]["properties"]["model"]["default"] == catalogue.DEFAULT
+
+
+def test_build_steps_fetch_the_weights_from_the_same_mirrors_with_the_same_checksums():
+    from stemsep import catalogue
+
+    files = [wf for name in baked_models() for wf in (catalogue.get(name).checkpoint, catalogue.get(name).config)]
     steps = weight_steps()
-    assert len(steps) == len(WEIGHT_FILES)
-    for wf, step in zip(WEIGHT_FILES, steps):
+    assert len(steps) == len(files)
+    for wf, step in zip(files, steps):
         assert re.findall(r"https://[^\s;]+", step) == list(wf.urls)  # every mirror, in order
         assert re.findall(r"\b[0-9a-f]{64}\b", step) == [wf.sha256]
-        assert step.startswith("cd /src/weights && ") and step.endswith(f"test -f {wf.name}")
+        assert step.startswith("cd /weights && ") and step.endswith(f"test -f {wf.name}")
 
 
 @pytest.mark.parametrize("scenario", ["first-mirror-down", "every-mirror-wrong"])
@@ -592,7 +619,7 @@ def test_build_step_keeps_only_a_checksummed_file(tmp_path, scenario):
     weights.mkdir()
     step = weight_steps()[0]
     name = step.rsplit("test -f ", 1)[1]
-    step = step.replace("/src/weights", str(weights))
+    step = step.replace("cd /weights ", f"cd {weights} ")
     step = re.sub(r"\b[0-9a-f]{64}\b", hashlib.sha256(good).hexdigest(), step)
     body = good if scenario == "first-mirror-down" else b"an error page"
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "CURL_LOG": str(tmp_path / "log"), "CURL_BODY": body.decode()}
@@ -605,3 +632,179 @@ def test_build_step_keeps_only_a_checksummed_file(tmp_path, scenario):
     else:
         assert result.returncode != 0
         assert list(weights.iterdir()) == []
+
+
+# where the image keeps its weights ----------------------------------------------------------
+
+
+def test_the_runner_reads_the_weights_from_the_folder_the_image_names(monkeypatch, tmp_path):
+    """cog.yaml bakes the weights into /weights and sets $STEMSEP_WEIGHTS_DIR to it (`cog run`
+    mounts the project over /src, hiding anything built there); a checkout uses weights/."""
+    monkeypatch.delenv("STEMSEP_CHECKPOINT", raising=False)
+    monkeypatch.delenv("STEMSEP_CONFIG", raising=False)
+    monkeypatch.setenv("STEMSEP_WEIGHTS_DIR", str(tmp_path))
+    assert predict.model_files() == (tmp_path / CHECKPOINT_NAME, tmp_path / CONFIG_NAME)
+    monkeypatch.delenv("STEMSEP_WEIGHTS_DIR")
+    assert predict.model_files() == (REPO / "weights" / CHECKPOINT_NAME, REPO / "weights" / CONFIG_NAME)
+
+
+# failed input downloads ---------------------------------------------------------------------
+
+
+class FailingInputs:
+    """Input URLs that fail the ways real downloads fail: /missing/<name> answers 404,
+    /short/<name> announces the whole body's Content-Length, sends half and closes, and
+    /stall/<name> sends half and then nothing until released (Cog's 10-s read timeout or a
+    cancel ends the prediction). /ok/<name> serves the whole body."""
+
+    def __init__(self, body: bytes):
+        self.release = threading.Event()
+        self.stalled = threading.Event()
+        inputs = self
+
+        class Handler(http_server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                kind = self.path.split("/")[1]
+                if kind == "missing":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if kind == "ok":
+                    self.wfile.write(body)
+                    return
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                if kind == "stall":
+                    inputs.stalled.set()
+                    inputs.release.wait(WAIT)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_failed_downloads_leave_nothing_once_the_next_prediction_runs(passthrough, tmp_path):
+    """Cog creates a URL input's temp file before downloading into it and keeps it when the
+    download fails (404, cut short, stalled and canceled): the runner gives the worker its
+    own temp folder under $STEMSEP_WORK_DIR, where those files land, and the next prediction
+    clears it. The server reads its weights the image's way, from $STEMSEP_WEIGHTS_DIR."""
+    work = tmp_path / "work"
+    env = {"STEMSEP_WEIGHTS_DIR": str(passthrough), "STEMSEP_WORK_DIR": str(work)}
+    inputs = FailingInputs(wav_bytes(song(0.5, seed=8)))
+    try:
+        with cog_server(env, log_dir=tmp_path) as server:
+            assert server.health()["status"] == "READY"
+            tmp = work / predict.WORKER_TMP
+            for kind in ("missing", "short"):
+                body = server.predict({"input": {"audio": f"{inputs.url}/{kind}/{kind}.wav"}}).json()
+                assert body["status"] == "failed", body
+                assert ("404" if kind == "missing" else "IncompleteRead") in body["error"]
+            with ThreadPoolExecutor(1) as pool:
+                running = pool.submit(http, "PUT", f"{server.url}/predictions/stall-1", {"input": {"audio": f"{inputs.url}/stall/stall.wav"}}, None, WAIT)
+                assert inputs.stalled.wait(WAIT)
+                assert server.cancel("stall-1").status == 200
+                r = running.result(timeout=WAIT)  # Cog's download ends at its 10-s read timeout
+            assert r.json()["status"] in ("canceled", "failed"), r.body[:300]
+            # what Cog left: one file per failed download, in the worker's folder, not /tmp
+            left = sorted(p.name for p in tmp.iterdir())
+            assert sorted(re.sub(r"^tmp[a-z0-9_]{8}", "", name) for name in left) == ["missing.wav", "short.wav", "stall.wav"], left
+            inputs.release.set()
+            body = server.predict({"input": {"audio": f"{inputs.url}/ok/song.wav"}}).json()
+            assert body["status"] == "succeeded", body.get("error")
+            assert list(tmp.iterdir()) == []  # the failed ones' files and this one's input are gone
+            folders = predictions(work)  # and the work folder holds only this prediction's outputs
+            assert len(folders) == 1 and all(folders[0] in p.parents or p == folders[0] for p in leftovers(work)), leftovers(work)
+    finally:
+        inputs.close()
+
+
+def test_clearing_the_worker_temp_folder_keeps_the_current_input_and_named_caches(tmp_path):
+    (tmp_path / "tmpab12cd_9old.wav").write_bytes(b"a failed download")
+    (tmp_path / "tmpzz9yy8xx").mkdir()  # a library's mkdtemp()
+    (tmp_path / "tmpzz9yy8xx" / "part").write_bytes(b"")
+    current = tmp_path / "tmpq1w2e3r4song.mp3"  # this prediction's input
+    current.write_bytes(b"the song")
+    (tmp_path / "torchinductor_root").mkdir()  # a named cache
+    predict.clear_worker_temp_dir(tmp_path, keep=current)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmpq1w2e3r4song.mp3", "torchinductor_root"]
+    predict.clear_worker_temp_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["torchinductor_root"]
+
+
+# the model choice, chosen stems, compressed output, progress ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_model_server(tmp_path_factory):
+    """A server whose weights folder holds two baked models under their catalogue names: the
+    default (pass-through) and `karaoke` (a constant mask of 0.5 on its target, `karaoke`)."""
+    from stemsep import catalogue
+
+    weights = tmp_path_factory.mktemp("two-models")
+    weights_like_dir(weights)
+    karaoke = catalogue.get("karaoke")
+    config = config_dict(model=TINY_MODEL, audio={"chunk_size": CHUNK},
+                         training={"instruments": ["karaoke", "other"], "target_instrument": "karaoke"})
+    made = make_model_files(tmp_path_factory.mktemp("karaoke"), config, mask=0.5)
+    for path, target in zip(made, karaoke.paths(weights)):
+        path.rename(target)
+    env = {"STEMSEP_WEIGHTS_DIR": str(weights), "STEMSEP_WORK_DIR": str(tmp_path_factory.mktemp("two-work"))}
+    with cog_server(env, log_dir=tmp_path_factory.mktemp("logs")) as s:
+        yield s
+
+
+def test_the_model_input_picks_a_baked_model_and_names_its_stems(two_model_server):
+    x = song(1.0)
+    body = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "model": "karaoke"}}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    karaoke, other = (decode_data_url(url)[0] for url in body["output"])
+    assert np.max(np.abs(karaoke - 0.5 * x)) <= 2 * LSB16 and np.max(np.abs(other - 0.5 * x)) <= 2 * LSB16
+    assert "stemsep: karaoke loaded in" in two_model_server.logs()
+    default = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x))}}).json()
+    vocals, instrumental = (decode_data_url(url)[0] for url in default["output"])  # 1297 unchanged: vocals first
+    assert np.max(np.abs(vocals - x)) <= LSB16 and np.max(np.abs(instrumental)) <= LSB16
+    missing = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "model": "kim-vocals"}}).json()
+    assert missing["status"] == "failed" and "model kim-vocals is not downloaded" in missing["error"]
+    unknown = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "model": "demucs"}})
+    assert unknown.status == 422
+
+
+def test_chosen_stems_and_compressed_output_through_the_server(two_model_server):
+    x = tones(RATE, RATE, 2, level=0.3).T.astype(np.float64)  # music-like: lossy codecs code noise coarsely
+    body = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "stems": "instrumental",
+                                               "output_format": "mp3", "bitrate": 192}}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    assert len(body["output"]) == 1 and body["output"][0].startswith("data:audio/mpeg")
+    for fmt, rate in (("m4a", RATE), ("opus", 48000)):
+        body = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "output_format": fmt}}).json()
+        assert body["status"] == "succeeded", body.get("error")
+        header, payload = body["output"][0].split(",", 1)
+        path = Path(tempfile.mkdtemp()) / f"vocals.{fmt}"
+        path.write_bytes(base64.b64decode(payload))
+        vocals, info = audio.decode(path)
+        assert info.sample_rate == rate and vocals.shape[0] == 2
+        if rate == RATE:
+            assert vocals.shape[1] == x.shape[0]
+            assert 10 * np.log10(np.sum(x**2) / np.sum((vocals.T - x) ** 2)) > 15  # aligned, not shifted
+    bad = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "output_format": "mp3", "bitrate": 100}}).json()
+    assert bad["status"] == "failed" and "bitrate" in bad["error"].lower()
+
+
+def test_progress_lines_are_what_replicates_client_parses(two_model_server):
+    from replicate.prediction import Prediction
+
+    body = two_model_server.predict({"input": {"audio": data_url(wav_bytes(song(2.0, seed=6))), "tta": True}}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    progress = Prediction(id="p", model="o/m", version="v", status="processing", input={}, logs=body["logs"]).progress
+    assert progress is not None and progress.current == progress.total > 1 and progress.percentage == 1.0

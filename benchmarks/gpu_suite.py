@@ -1,0 +1,584 @@
+"""The GPU numbers in one command: cold start, the 5-minute song, MFU, memory, bf16 SNR. Not a test.
+
+    python benchmarks/gpu_suite.py                       # one GPU, about 6 minutes (budget 7.5)
+    .venv/bin/python benchmarks/gpu_suite.py --smoke     # the CPU: tiny network, short audio, < 2 minutes
+
+Everything runs on random weights of the 1297 shapes (seed 0, written under the 1297 file
+names), the same files for every tool, and a generated music-like song (separate.py's
+`write_music`). The stages, in this order, each skipped (and marked so) when the time
+budget (`--budget-s`) could not hold it:
+
+1. cold start of the Replicate runner: the real Cog server (tests/cogserver.py, coglet) on
+   predict.py with the weights laid out as the image's /weights ($STEMSEP_WEIGHTS_DIR),
+   compiling as the image does on a GPU: process start -> READY (setup() compiles the
+   network for its batch shape and warms it up, so READY means the compiled network is in
+   use), then two sync predictions of a short song passed by URL: process start -> first
+   result is the cold start a caller sees. TorchInductor's and Triton's caches start empty
+   (a fresh folder per run), as in a new container. Later stages reuse them.
+2. the 5-minute song end to end, overlap 4: audio-separator 0.47.1 (fp32, batch 1), stemsep
+   eager and stemsep compiled (the runner's defaults otherwise: bf16 autocast, its batch
+   size), each in its own fresh process through separate.py's worker; wall time of the
+   separation call, real-time factor, load time, peak RSS, CUDA peak allocated, chunks,
+   network TFLOP/s and MFU over the whole call (flops.py's count, datasheet dense peak of
+   the precision each tool runs in), SDR between the tools' vocals.
+3. the network alone, in this process: seconds per chunk for stemsep in fp32 and bf16,
+   eager and compiled, at the runner's batch size on the song's first chunks; TFLOP/s, MFU
+   against the datasheet peak and against a bf16 matrix product measured here; peak GPU
+   memory of each; SNR of bf16 (eager and compiled) against fp32, for the network's output
+   and for the vocals of the whole pipeline (stemsep fp32 vs bf16 on a 30-s excerpt).
+4. the cold start without compiling (STEMSEP_COMPILE=0), for the compile's share.
+
+Writes benchmarks/results/gpu_<device>.json and .md (<device> from the GPU's name, e.g.
+`nvidia_h200`; `cpu_smoke` for --smoke). Scratch files go to benchmarks/work/gpu_suite/.
+
+--smoke checks the suite itself on a CPU: the tiny network of the tests (dim 16, depth 1)
+with the 1297 STFT and bands on 2-s chunks, an 8-s song, overlap 2, one torch thread per
+process, and torch.compile switched off (TORCH_COMPILE_DISABLE=1: the "compiled" rows run
+eagerly, because Inductor needs minutes for even this network on a small CPU). About 35 s
+on 2 cores; its numbers mean nothing.
+
+Needs, besides a CUDA build of torch: stemsep's dependencies (numpy, einops, pyyaml, av,
+soundfile, soxr), scipy (the song), cog and coglet 0.23.1 (the server), and
+audio-separator 0.47.1 with its own (librosa, pydub, onnx2torch, onnxruntime, diffq, ...)
+and the ffmpeg binary on PATH (audio-separator refuses to start without it). It checks
+them first and stops, naming what is missing, before it touches the GPU. On a machine
+that cannot reach a package index, carry them as wheels built for its Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+for _path in (ROOT / "tests", BENCH):  # cogserver (the tests' server helper); separate, model_forward, flops
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+if importlib.util.find_spec("stemsep") is None:  # a checkout without `pip install -e .`: this process and its children
+    sys.path.insert(0, str(ROOT / "src"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+WORK = BENCH / "work" / "gpu_suite"
+RESULTS = BENCH / "results"
+
+# The names predict.py looks for in $STEMSEP_WEIGHTS_DIR and audio-separator in its model folder.
+CHECKPOINT_NAME = "model_bs_roformer_ep_317_sdr_12.9755.ckpt"
+CONFIG_NAME = "model_bs_roformer_ep_317_sdr_12.9755.yaml"
+
+PROFILES = {
+    "full": SimpleNamespace(device="cuda", network={}, chunk_size=None, song_s=300.0, short_s=30.0, overlap=4, reps=3,
+                            threads=os.cpu_count(), budget_s=450.0),
+    # the tests' tiny network (stemsep.testing.TINY_MODEL) on 2-s chunks of the 1297 STFT and bands
+    # and one CPU thread per process: on a shared machine, torch's threads waiting for each
+    # other's cores make a tiny forward pass 50x slower
+    "smoke": SimpleNamespace(device="cpu", network={"dim": 16, "depth": 1, "dim_head": 8, "heads": 2}, chunk_size=88200,
+                             song_s=8.0, short_s=3.0, overlap=2, reps=1, threads=1, budget_s=110.0),
+}
+# Rough seconds each stage takes on an H100/H200 (compile included where cold), used to skip
+# a stage that the remaining budget cannot hold rather than overrun the machine's lease.
+STAGE_ESTIMATE_S = {"cold_start": 150, "audio-separator": 90, "stemsep eager": 40, "stemsep compiled": 120,
+                    "network": 40, "network compiled": 80, "cold_start_eager": 40}
+NEEDED = ["torch", "numpy", "scipy", "soundfile", "yaml", "einops", "av", "soxr", "cog", "coglet", "audio_separator",
+          "librosa", "pydub", "onnx2torch", "onnxruntime", "stemsep"]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Budget:
+    """Seconds left of the run's budget; a stage runs only if its estimate fits."""
+
+    def __init__(self, seconds: float, smoke: bool):
+        self.end, self.smoke = time.monotonic() + seconds, smoke
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def allows(self, stage: str, skipped: dict) -> bool:
+        needed = 10 if self.smoke else STAGE_ESTIMATE_S[stage]
+        if self.left() >= needed:
+            return True
+        skipped[stage] = f"skipped: {self.left():.0f} s of the budget left, about {needed} s needed"
+        log(f"{stage}: {skipped[stage]}")
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def _testing():
+    """stemsep's helpers for constructed checkpoints (stemsep.testing, once stemsep.synthetic)."""
+    try:
+        from stemsep import testing
+    except ImportError:
+        from stemsep import synthetic as testing
+    return testing
+
+
+def model_files(network: dict, chunk_size: int | None) -> tuple[Path, Path]:
+    """Random weights (seed 0) of the 1297 config with `network`'s overrides (and chunk size),
+    under the 1297 names in a folder laid out as the image's /weights."""
+    testing = _testing()
+    CONFIG_1297, config_dict, make_model_files = testing.CONFIG_1297, testing.config_dict, testing.make_model_files
+
+    chunk, hop = chunk_size or CONFIG_1297["audio"]["chunk_size"], CONFIG_1297["model"]["stft_hop_length"]
+    config = config_dict(model=network, audio={"chunk_size": chunk},
+                         inference={"dim_t": chunk // hop + 1})  # audio-separator's segment = our chunk
+    folder = WORK / ("weights_" + "_".join(f"{k}{v}" for k, v in sorted({**network, "chunk": chunk}.items())))
+    checkpoint, config_path = make_model_files(folder, config, seed=0, name=CHECKPOINT_NAME.removesuffix(".ckpt"))
+    assert (checkpoint.name, config_path.name) == (CHECKPOINT_NAME, CONFIG_NAME), (checkpoint, config_path)
+    return checkpoint, config_path
+
+
+def song(seconds: float) -> Path:
+    from separate import write_music
+
+    path = WORK / "inputs" / f"song_{seconds:g}s.wav"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_music(path, seconds, seed=0)
+    return path
+
+
+def serve_folder(folder: Path) -> tuple[str, ThreadingHTTPServer]:
+    """Input files over HTTP, as Replicate passes a file: (base URL, server)."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1 and 4: the Cog server's cold start
+
+
+def gpu_memory_used_mb() -> float | None:
+    """Memory in use on GPU 0 by every process (nvidia-smi), or None where it cannot say."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=False).stdout
+        return float(out.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def runner_setup_line(*logs: str) -> str:
+    """The runner's "stemsep: ... loaded on ... in X s, warmed up in Y s" line, from the setup
+    logs /health-check returns or the server's own log (JSON lines, the text in fields.message)."""
+    for text in logs:
+        for line in text.splitlines():
+            if line.startswith("{"):
+                try:
+                    line = json.loads(line).get("fields", {}).get("message", "")
+                except ValueError:
+                    continue
+            if "stemsep:" in line and " loaded " in line:
+                return line.split("stemsep:", 1)[1].strip()
+    return ""
+
+
+def cold_start(weights: Path, short: Path, compile: bool, device: str, budget: Budget) -> dict:
+    from cogserver import start_server
+
+    base_url, files = serve_folder(short.parent)
+    env = {"STEMSEP_WEIGHTS_DIR": str(weights), "STEMSEP_WORK_DIR": str(WORK / "runner"),
+           "STEMSEP_COMPILE": "1" if compile else "0", "STEMSEP_DEVICE": device}
+    for name in ("STEMSEP_CHECKPOINT", "STEMSEP_CONFIG"):
+        os.environ.pop(name, None)  # the image has neither: the runner reads the weights folder
+    log(f"cold start ({'compiled' if compile else 'eager'}): starting the Cog server")
+    started = time.perf_counter()
+    server = start_server(env, log_dir=WORK, ready_timeout=max(30.0, budget.left()))
+    result: dict = {"compile": compile}
+    try:
+        result["start_to_ready_s"] = time.perf_counter() - started
+        health = server.health()
+        result["health"] = health.get("status")
+        line = runner_setup_line((health.get("setup") or {}).get("logs") or "", server.logs())
+        result["runner_setup_line"] = line
+        if health.get("status") != "READY":
+            raise RuntimeError(f"setup failed:\n{server.logs()[-3000:]}")
+        numbers = [float(x) for x in re.findall(r"in (\d+(?:\.\d+)?) s", line)]
+        if len(numbers) >= 2:
+            result["runner_load_and_compile_s"], result["runner_warm_up_s"] = numbers[:2]
+        result["runner_compiled"] = " compiled" in line
+        payload = {"input": {"audio": f"{base_url}/{short.name}"}}
+        for label in ("first", "second"):
+            t = time.perf_counter()
+            answer = server.predict(payload, timeout=max(30.0, budget.left())).json()
+            wall = time.perf_counter() - t
+            if answer.get("status") != "succeeded":
+                raise RuntimeError(f"{label} prediction {answer.get('status')}: {answer.get('error')}\n{server.logs()[-3000:]}")
+            result[f"{label}_prediction_wall_s"] = wall
+            result[f"{label}_prediction_predict_time_s"] = (answer.get("metrics") or {}).get("predict_time")
+            if label == "first":
+                result["start_to_first_result_s"] = time.perf_counter() - started
+        result["gpu_memory_used_while_serving_mb"] = gpu_memory_used_mb() if device == "cuda" else None
+    finally:
+        server.stop()
+        files.shutdown()
+    log(f"cold start ({'compiled' if compile else 'eager'}): READY after {result['start_to_ready_s']:.1f} s, "
+        f"first result after {result['start_to_first_result_s']:.1f} s ({result['runner_setup_line']})")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: end to end, through separate.py's worker
+
+
+def run_separate_worker(tool: str, compile: bool, files: dict, source: Path, profile, budget: Budget) -> dict:
+    """separate.py's worker (one tool, one separation, a fresh process), with a time limit."""
+    from separate import busy_cores, cpu_ticks
+
+    out_dir = WORK / "out" / (tool + ("_compiled" if compile else ""))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    command = [sys.executable, str(BENCH / "separate.py"), "--worker", tool, "--input", str(source),
+               "--checkpoint", str(files["checkpoint"]), "--config", str(files["config"]), "--model-dir", str(files["model_dir"]),
+               "--segment-size", str(files["segment_size"]), "--out-dir", str(out_dir), "--overlap", str(profile.overlap),
+               "--threads", str(profile.threads), "--device", profile.device, *(["--compile"] if compile else [])]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if profile.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # audio-separator takes a GPU by itself when it sees one
+    busy_before = busy_cores(0.5)
+    ticks0, children0, t0 = cpu_ticks()[0], resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=max(30.0, budget.left()),
+                          check=False)
+    ticks1, children1, wall = cpu_ticks()[0], resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
+    if done.returncode:
+        raise RuntimeError(f"{tool} worker failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    worker_cpu_s = sum(getattr(children1, f) - getattr(children0, f) for f in ("ru_utime", "ru_stime"))
+    others = ((ticks1 - ticks0) / os.sysconf("SC_CLK_TCK") - worker_cpu_s) / wall
+    result = {**json.loads(done.stdout.strip().splitlines()[-1]), "process_wall_s": wall, "busy_cores_before": busy_before,
+              "worker_cpu_cores": worker_cpu_s / wall, "others_busy_cores_during": max(0.0, others)}
+    log(f"{tool}{' compiled' if compile else ''}: separate {result['separate_s']:.2f} s, load {result['load_s']:.2f} s, "
+        f"process {wall:.1f} s")
+    return result
+
+
+def end_to_end(files: dict, source: Path, profile, budget: Budget, skipped: dict) -> dict:
+    from separate import machine, network_work, sdr_db, summarize
+
+    runs: dict[str, dict] = {}
+    for key, tool, compile in (("audio-separator", "audio-separator", False), ("stemsep eager", "stemsep", False),
+                               ("stemsep compiled", "stemsep", True)):
+        if budget.allows(key, skipped):
+            runs[key] = run_separate_worker(tool, compile, files, source, profile, budget)
+    if "audio-separator" not in runs:
+        return {"runs": runs}
+    machine_info = machine(profile.device)
+    work = network_work(profile.song_s, profile.overlap, files["config"])
+    out: dict = {"runs": runs}
+    for key in ("stemsep eager", "stemsep compiled"):
+        if key not in runs:
+            continue
+        args = SimpleNamespace(overlap=profile.overlap, reps=1, threads=profile.threads, audio_separator_writer="pydub",
+                               compile=key.endswith("compiled"), device=profile.device)
+        sdr = sdr_db(Path(runs["audio-separator"]["vocals"]), Path(runs[key]["vocals"]))
+        out[key.split()[1]] = summarize(profile.song_s, {"stemsep": [runs[key]], "audio-separator": [runs["audio-separator"]]},
+                                        sdr, args, machine_info, work)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 3: the network alone, and what bf16 costs in accuracy
+
+
+def _flops():
+    try:
+        from flops import datasheet_peak_tflops, flops_per_chunk  # benchmarks/flops.py
+    except ImportError:
+        from stemsep.flops import (  # where it lived before
+            datasheet_peak_tflops,
+            flops_per_chunk,
+        )
+    return datasheet_peak_tflops, flops_per_chunk
+
+
+def network_alone(files: dict, source: Path, profile, budget: Budget, skipped: dict) -> dict:
+    import numpy as np
+    import soundfile as sf
+    import torch
+    from model_forward import matmul_tflops, output, snr_db, timed
+
+    from stemsep.separator import Separator
+
+    datasheet_peak_tflops, flops_per_chunk = _flops()
+    device = torch.device(profile.device)
+    cuda = device.type == "cuda"
+    separator = Separator(files["checkpoint"], files["config"], device=profile.device)  # the runner's defaults
+    model, batch, cfg = separator.model, separator.batch_size, separator.config
+    chunk, rate = cfg.audio.chunk_size, cfg.audio.sample_rate
+    mix, song_rate = sf.read(source, dtype="float32", always_2d=True)
+    assert song_rate == rate, (song_rate, rate)
+    needed = batch * chunk
+    mix = np.tile(mix.T, (1, -(-needed // mix.shape[0])))[:, :needed]  # the song's first chunks (repeated if short)
+    x = torch.from_numpy(np.ascontiguousarray(mix.reshape(2, batch, chunk).transpose(1, 0, 2))).to(device)
+    flops = flops_per_chunk(cfg)
+    gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
+    result: dict = {"batch": batch, "chunk_s": chunk / rate, "runner_precision": separator.precision, "flops_per_chunk": flops,
+                    "device": gpu}
+    rows = []
+
+    def measure(label: str, net, dtype, precision: str) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        seconds, runs = timed([net], x, profile.reps, device, dtype)[0]
+        row = {"run": label, "batch": batch, "seconds_per_forward": seconds, "seconds_per_chunk": seconds / batch,
+               "tflops": flops * batch / seconds / 1e12, "runs": runs}
+        if cuda:
+            row["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            peak = datasheet_peak_tflops(gpu, precision)
+            row["datasheet_peak_tflops"], row["mfu"] = peak, (row["tflops"] / peak if peak else None)
+        rows.append(row)
+        log(f"network {label}: {row['seconds_per_chunk']:.4f} s per chunk, {row['tflops']:.1f} TFLOP/s"
+            + (f", MFU {100 * row['mfu']:.0f}%" if row.get("mfu") else ""))
+
+    measure("fp32 eager", model, None, "fp32")
+    reference = output(model, x, device)  # fp32
+    measure("bf16 eager", model, torch.bfloat16, "bf16")
+    result["snr_bf16_vs_fp32_db"] = snr_db(reference, output(model, x, device, torch.bfloat16))
+    if budget.allows("network compiled", skipped):
+        compiled = torch.compile(model, dynamic=False)
+        t = time.perf_counter()
+        compiled_out = output(compiled, x, device, torch.bfloat16)  # compiles for this shape
+        result["compile_s"] = time.perf_counter() - t
+        result["snr_bf16_compiled_vs_fp32_db"] = snr_db(reference, compiled_out)
+        measure("bf16 compiled", compiled, torch.bfloat16, "bf16")
+        del compiled, compiled_out
+    if cuda:
+        result["matmul_bf16_tflops_measured"] = matmul_tflops(device)
+        for row in rows:
+            if not row["run"].startswith("fp32"):
+                row["fraction_of_measured_matmul"] = row["tflops"] / result["matmul_bf16_tflops_measured"]
+    result["timings"] = rows
+    del reference, model, separator
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # The whole pipeline: vocals of stemsep in fp32 and in bf16 on an excerpt (chunking,
+    # overlap-add and the instrumental as the mix minus the vocals included).
+    excerpt_s = min(30.0, profile.song_s)
+    excerpt = sf.read(source, dtype="float32", always_2d=True, frames=int(excerpt_s * rate))[0].T
+    vocals = {}
+    for precision in ("fp32", "bf16"):
+        sep = Separator(files["checkpoint"], files["config"], device=profile.device, precision=precision)
+        vocals[precision] = torch.from_numpy(sep.separate_array(excerpt, rate, overlap=profile.overlap)["vocals"])
+        del sep
+    result["pipeline_excerpt_s"] = excerpt_s
+    result["pipeline_vocals_snr_bf16_vs_fp32_db"] = snr_db(vocals["fp32"], vocals["bf16"])
+    log(f"SNR against fp32: network bf16 {result['snr_bf16_vs_fp32_db']:.1f} dB"
+        + (f", compiled {result['snr_bf16_compiled_vs_fp32_db']:.1f} dB" if "snr_bf16_compiled_vs_fp32_db" in result else "")
+        + f"; vocals of the pipeline {result['pipeline_vocals_snr_bf16_vs_fp32_db']:.1f} dB")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+def device_slug(smoke: bool) -> str:
+    if smoke:
+        return "cpu_smoke"
+    import torch
+
+    return re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name().lower()).strip("_")
+
+
+def environment_info(profile) -> dict:
+    import torch
+
+    versions = {}
+    for package in ("torch", "triton", "cog", "coglet", "audio-separator", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            versions[package] = version(package)
+        except Exception:  # noqa: BLE001 - absent is fine
+            versions[package] = None
+    info = {"python": platform.python_version(), "packages": versions, "cpu_cores": os.cpu_count(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                     check=False).stdout.strip()}
+    if torch.cuda.is_available() and profile.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    return info
+
+
+def _fmt(value, spec: str = ".2f", unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:{spec}}{unit}"
+
+
+def markdown(results: dict) -> str:
+    env, profile = results["environment"], results["profile"]
+    lines = [f"# GPU suite: {env.get('gpu', 'CPU (smoke)')}", "",
+             f"`benchmarks/gpu_suite.py{' --smoke' if results['smoke'] else ''}`, {env['date']}, commit {env['commit']}; "
+             f"torch {env['packages']['torch']} (CUDA {env.get('cuda', '-')}, driver {env.get('driver', '-')}), "
+             f"cog {env['packages']['cog']}, coglet {env['packages']['coglet']}, audio-separator {env['packages']['audio-separator']}. "
+             f"Random weights, network {profile['network'] or '1297 (dim 512, depth 12)'}; a music-like song of "
+             f"{profile['song_s']:g} s, overlap {profile['overlap']}. Suite wall time {results['suite_wall_s']:.0f} s.", ""]
+    if results["smoke"]:
+        lines += ["**Smoke run**: tiny network on the CPU with torch.compile switched off; the numbers check the "
+                  "suite, they measure nothing.", ""]
+    lines += ["## Cold start of the Cog runner", "",
+              "setup() compiles the network for its batch shape and runs it once before the server reports READY, "
+              "so READY is when the compiled network is in use; the first result adds the first prediction of a "
+              f"{profile['short_s']:g}-s song passed by URL.", "",
+              "| | start -> READY | start -> first result | first / second prediction (short song) | runner's own setup line |",
+              "|---|---:|---:|---:|---|"]
+    for key in ("cold_start", "cold_start_eager"):
+        c = results.get(key)
+        if isinstance(c, dict):
+            lines.append(f"| {'compiled' if c['compile'] else 'eager'} | {_fmt(c.get('start_to_ready_s'), '.1f', ' s')} "
+                         f"| {_fmt(c.get('start_to_first_result_s'), '.1f', ' s')} "
+                         f"| {_fmt(c.get('first_prediction_wall_s'), '.2f', ' s')} / {_fmt(c.get('second_prediction_wall_s'), '.2f', ' s')} "
+                         f"| {c.get('runner_setup_line', '')} |")
+    e2e = results.get("end_to_end") or {}
+    if e2e.get("eager") or e2e.get("compiled"):
+        lines += ["", f"## The song end to end ({profile['song_s']:g} s, overlap {profile['overlap']}; the separation call, load apart)", "",
+                  "| run | time | RTF | load | chunks | network TFLOP/s | MFU | CUDA peak allocated | peak RSS | vs audio-separator | vocals SDR between tools |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        theirs = (e2e.get("eager") or e2e.get("compiled"))["audio-separator"]
+        rows = [("audio-separator 0.47.1 (fp32, batch 1)", theirs, None)]
+        rows += [(f"stemsep {mode} ({e2e[mode]['stemsep'].get('precision')}, batch {e2e[mode]['stemsep'].get('batch_size')})",
+                  e2e[mode]["stemsep"], e2e[mode]) for mode in ("eager", "compiled") if e2e.get(mode)]
+        for name, t, entry in rows:
+            mfu = f"{100 * t['mfu']:.0f}%" if t.get("mfu") else "-"
+            lines.append(f"| {name} | {t['separate_s']:.2f} s | {t['real_time_factor']:.1f}x | {t['load_s']:.1f} s | {t.get('chunks')} "
+                         f"| {_fmt(t.get('network_tflops'), '.1f')} | {mfu} | {_fmt(t.get('cuda_peak_allocated_mb'), '.0f', ' MB')} "
+                         f"| {t['peak_rss_mb']:.0f} MB | {_fmt(entry and entry['time_ratio_audio_separator_over_stemsep'], '.2f', 'x')} "
+                         f"| {_fmt(entry and entry['vocals_sdr_between_tools_db'], '.1f', ' dB')} |")
+    net = results.get("network")
+    if isinstance(net, dict):
+        lines += ["", f"## The network alone (batch {net['batch']} of the song's {net['chunk_s']:g}-s chunks; "
+                  f"{_fmt(net['flops_per_chunk'] / 1e12, '.3f')} TFLOP per chunk)", "",
+                  "| run | s per chunk | TFLOP/s | MFU (datasheet) | of a measured bf16 matmul | peak GPU allocated |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for row in net["timings"]:
+            mfu = f"{100 * row['mfu']:.0f}%" if row.get("mfu") else "-"
+            frac = f"{100 * row['fraction_of_measured_matmul']:.0f}%" if row.get("fraction_of_measured_matmul") else "-"
+            lines.append(f"| {row['run']} | {row['seconds_per_chunk']:.4f} | {row['tflops']:.1f} | {mfu} | {frac} "
+                         f"| {_fmt(row.get('peak_gpu_allocated_mb'), '.0f', ' MB')} |")
+        lines += ["", f"bf16 against fp32: network output {net['snr_bf16_vs_fp32_db']:.1f} dB SNR"
+                  + (f" (compiled {net['snr_bf16_compiled_vs_fp32_db']:.1f} dB)" if "snr_bf16_compiled_vs_fp32_db" in net else "")
+                  + f"; vocals of the whole pipeline on an excerpt of {net['pipeline_excerpt_s']:g} s "
+                  f"{net['pipeline_vocals_snr_bf16_vs_fp32_db']:.1f} dB."
+                  + (f" Compiling for this shape took {net['compile_s']:.1f} s (compiler caches warm from stage 1)."
+                     if "compile_s" in net and not results["smoke"] else "")
+                  + (f" A bf16 8192-cube matrix product runs at {net['matmul_bf16_tflops_measured']:.0f} TFLOP/s here." if net.get("matmul_bf16_tflops_measured") else "")]
+    if results["skipped"]:
+        lines += ["", "Skipped or failed: " + "; ".join(f"{k}: {v}" for k, v in results["skipped"].items())]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def check_environment(profile) -> None:
+    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    if shutil.which("ffmpeg") is None:
+        missing.append("the ffmpeg binary (audio-separator writes its stems through it)")
+    if missing:
+        sys.exit("missing: " + ", ".join(missing))
+    if profile.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA GPU visible (run --smoke on a CPU)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny network, short audio, compile off: checks the suite")
+    parser.add_argument("--budget-s", type=float, help="stop starting stages past this many seconds (default 450; smoke 110)")
+    args = parser.parse_args()
+    profile = PROFILES["smoke" if args.smoke else "full"]
+    check_environment(profile)
+    budget = Budget(args.budget_s or profile.budget_s, args.smoke)
+    started = time.perf_counter()
+
+    # Fresh compiler caches, shared by every process of this run: the first compile is cold,
+    # as in a new container.
+    cache = WORK / "compile_cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
+    if args.smoke:
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"  # Inductor takes minutes on a small CPU even for the tiny network
+        os.environ["OMP_NUM_THREADS"] = str(profile.threads)  # the Cog server's worker too
+        import torch
+
+        torch.set_num_threads(profile.threads)
+
+    log(f"writing the model files and the {profile.song_s:g}-s song")
+    checkpoint, config = model_files(profile.network, profile.chunk_size)
+    from stemsep.reference import audio_separator_model_dir
+
+    CONFIG_1297 = _testing().CONFIG_1297
+    chunk = profile.chunk_size or CONFIG_1297["audio"]["chunk_size"]
+    files = {"checkpoint": checkpoint, "config": config, "weights_dir": checkpoint.parent,
+             "model_dir": audio_separator_model_dir(checkpoint, config, WORK / "audio_separator_models"),
+             # audio-separator's chunk is hop x (segment_size - 1): pinned to ours (separate.py does the same)
+             "segment_size": chunk // CONFIG_1297["model"]["stft_hop_length"] + 1}
+    source, short = song(profile.song_s), song(profile.short_s)
+    results: dict = {"smoke": args.smoke, "profile": vars(profile), "skipped": {}}
+    results["environment"] = environment_info(profile)
+    skipped = results["skipped"]
+    out_json = RESULTS / f"gpu_{device_slug(args.smoke)}.json"
+
+    def save() -> None:
+        results["suite_wall_s"] = time.perf_counter() - started
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        out_json.with_suffix(".md").write_text(markdown(results))
+
+    stages = [
+        ("cold_start", lambda: cold_start(files["weights_dir"], short, True, profile.device, budget)),
+        ("end_to_end", lambda: end_to_end(files, source, profile, budget, skipped)),
+        ("network", lambda: network_alone(files, source, profile, budget, skipped)),
+        ("cold_start_eager", lambda: cold_start(files["weights_dir"], short, False, profile.device, budget)),
+    ]
+    for name, stage in stages:
+        if name in STAGE_ESTIMATE_S and not budget.allows(name, skipped):  # end_to_end checks per process
+            continue
+        try:
+            results[name] = stage()
+        except Exception as exc:  # noqa: BLE001 - keep what the other stages measure
+            message = str(exc).strip()
+            errors = [l for l in message.splitlines() if re.search(r"error|failed", l, re.IGNORECASE)] or message.splitlines() or [""]
+            skipped[name] = f"failed: {type(exc).__name__}: {errors[-1][-400:]}"
+            results.setdefault("errors", {})[name] = message[-4000:]
+            log(f"{name}: {skipped[name]}")
+        save()  # after every stage: a run cut short keeps what it has
+    log(f"results: {out_json.relative_to(ROOT)} and .md ({results['suite_wall_s']:.0f} s)")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
