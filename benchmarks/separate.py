@@ -48,12 +48,21 @@ RESULTS = ROOT / "benchmarks" / "results"
 SAMPLE_RATE = 44100
 TOOLS = ("stemsep", "audio-separator")
 
-# Network sizes; the STFT, band layout and 8-s chunk are the 1297 config's in both.
+# Network sizes; the STFT, band layout and 8-s chunk are the 1297 config's in both, or Kim's
+# MelBand-RoFormer's (60 mel bands) for the presets named in MEL_BAND.
 PRESETS = {
     "cpu": {"dim": 128, "depth": 2, "heads": 8, "dim_head": 16},  # the network audio-separator was first measured with here
     "depth1": {"depth": 1},  # 1297's layers at full width, one of its twelve: minutes on a CPU
     "full": {},
+    "melband-cpu": {"dim": 128, "depth": 2, "heads": 8, "dim_head": 16},  # Kim's bands and STFT, the "cpu" network size
 }
+MEL_BAND = {"melband-cpu"}
+
+
+def base_config(preset: str) -> dict:
+    from stemsep.testing import CONFIG_1297, CONFIG_KIM_MEL_BAND
+
+    return CONFIG_KIM_MEL_BAND if preset in MEL_BAND else CONFIG_1297
 
 # ---------------------------------------------------------------------------------------
 # the input: deterministic band-limited music
@@ -133,11 +142,12 @@ def input_file(seconds: float, seed: int) -> Path:
 
 def model_files(preset: str) -> tuple[Path, Path]:
     """Random weights (seed 0) under the 1297 names, rewritten each run (deterministic)."""
-    from stemsep.separator import CHECKPOINT_NAME
-    from stemsep.testing import CONFIG_1297, config_dict, make_model_files
+    from stemsep.reference import CHECKPOINT_NAME  # the file name audio-separator looks for
+    from stemsep.testing import config_dict, make_model_files
 
-    chunk, hop = CONFIG_1297["audio"]["chunk_size"], CONFIG_1297["model"]["stft_hop_length"]
-    config = config_dict(model=PRESETS[preset], inference={"dim_t": chunk // hop + 1})
+    base = base_config(preset)
+    chunk, hop = base["audio"]["chunk_size"], base["model"]["stft_hop_length"]
+    config = config_dict(model=PRESETS[preset], inference={"dim_t": chunk // hop + 1}, base=base)
     return make_model_files(WORK / f"model_{preset}", config, seed=0, name=CHECKPOINT_NAME.removesuffix(".ckpt"))
 
 
@@ -485,7 +495,6 @@ def main() -> None:
 
     from stemsep.checkpoint import _ConfigLoader
     from stemsep.reference import audio_separator_model_dir
-    from stemsep.testing import CONFIG_1297
 
     checkpoint, config = model_files(args.config_preset)
     model = {  # what the workers load: the same files (audio-separator's folder holds symlinks to them)
@@ -494,12 +503,14 @@ def main() -> None:
         "model_dir": str(audio_separator_model_dir(checkpoint, config, WORK / f"audio_separator_models_{args.config_preset}")),
         "segment_size": str(yaml.load(config.read_text(), Loader=_ConfigLoader)["inference"]["dim_t"]),
     }
-    network = {k: v for k, v in {**CONFIG_1297["model"], **PRESETS[args.config_preset]}.items()
+    base = base_config(args.config_preset)
+    network = {k: v for k, v in {**base["model"], **PRESETS[args.config_preset]}.items()
                if k in ("dim", "depth", "heads", "dim_head")}
+    layout = "Kim's MelBand STFT and 60 mel bands" if args.config_preset in MEL_BAND else "1297 STFT and 62 bands"
     out_json = RESULTS / f"separate_{args.device}_{args.config_preset}.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     results.update({"device": args.device, "preset": args.config_preset,
-                    "network": ", ".join(f"{k} {v}" for k, v in network.items()) + ", 1297 STFT and 62 bands, 8-s chunks"})
+                    "network": ", ".join(f"{k} {v}" for k, v in network.items()) + f", {layout}, 8-s chunks"})
     results.setdefault("runs", {})
 
     for seconds in (float(d) for d in args.durations.split(",")):

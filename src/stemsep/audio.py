@@ -559,6 +559,21 @@ def quantize(x: np.ndarray, bits: int) -> tuple[np.ndarray, ClipReport]:
     return y.astype(np.int16 if bits == 16 else np.int32), ClipReport(clipped, peak)
 
 
+def open_part_file(path: str, name: str, flags: int) -> tuple[str, int]:
+    """Create the hidden temporary file a writer fills for `path` (see
+    :func:`stemsep.files.part_path`) and open it with `flags`; (its path, the descriptor).
+    A missing or unwritable folder is an AudioEncodeError naming `name`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise AudioEncodeError(f"cannot be written because the output directory {directory} {what}", file=name)
+    tmp = os.fspath(part_path(Path(directory) / os.path.basename(path)))
+    try:
+        return tmp, os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
+    except OSError as exc:
+        raise AudioEncodeError(f"cannot be written into {directory} ({_reason(exc)})", file=name) from None
+
+
 class AudioWriter(AllOrNothing):
     """Writes a stem block by block, atomically.
 
@@ -594,15 +609,7 @@ class AudioWriter(AllOrNothing):
         if fmt == "wav" and expected_frames is not None:
             if expected_frames * channels * bytes_per_sample(subtype) > 0xFFFFFFFF - (1 << 16):
                 sf_format = "RF64"
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            what = "is not a directory" if os.path.exists(directory) else "does not exist"
-            raise AudioEncodeError(f"cannot be written because the output directory {directory} {what}", file=self.name)
-        self._tmp = os.fspath(part_path(Path(directory) / os.path.basename(self.path)))
-        try:
-            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
-        except OSError as exc:
-            raise AudioEncodeError(f"cannot be written into {directory} ({_reason(exc)})", file=self.name) from None
+        self._tmp, fd = open_part_file(self.path, self.name, os.O_WRONLY)
         self._fd: int | None = fd
         self._file: soundfile.SoundFile | None = None
         with self._aborting_on_error("cannot be written"):

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from stemsep.errors import CheckpointError, ConfigError
+from stemsep.files import first_line
 from stemsep.model import (
     BSRoformerConfig,
     MelBandRoformerConfig,
@@ -325,7 +326,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             ) from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (corrupt or truncated)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated: {_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated: {first_line(exc)})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -337,11 +338,6 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in obj):
         return {k.removeprefix("module."): v for k, v in obj.items()}
     return dict(obj)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else exc.__class__.__name__
 
 
 def build_model(config: Config, device: str | torch.device = "cpu") -> Roformer:

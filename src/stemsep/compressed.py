@@ -108,9 +108,10 @@ from stemsep.audio import (
     _ffmpeg_quiet,
     _reason,
     display_name,
+    open_part_file,
 )
 from stemsep.errors import AudioEncodeError
-from stemsep.files import AllOrNothing, commit_part, part_path
+from stemsep.files import AllOrNothing, commit_part
 
 COMPRESSED_FORMATS = ("mp3", "m4a", "opus")
 
@@ -290,15 +291,7 @@ class CompressedWriter(AllOrNothing):
         self.frames_written = 0  # input samples taken, per channel
         self._container = self._stream = self._file = None
         self._closed = False
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            what = "is not a directory" if os.path.exists(directory) else "does not exist"
-            raise AudioEncodeError(f"cannot be written because the output directory {directory} {what}", file=self.name)
-        self._tmp = os.fspath(part_path(Path(directory) / os.path.basename(self.path)))
-        try:
-            fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
-        except OSError as exc:
-            raise AudioEncodeError(f"cannot be written into {directory} ({_reason(exc)})", file=self.name) from None
+        self._tmp, fd = open_part_file(self.path, self.name, os.O_RDWR)
         # FFmpeg writes through this Python file, not by name: no URL parsing of odd file
         # names, and we can fsync it. It is seekable, so the muxer can go back to finish
         # the Xing tag / moov atom.
