@@ -84,6 +84,7 @@ def test_missing_default_weights_say_how_to_get_them(tmp_path):
                                      "download it first (stemsep models download 1297)")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_and_leaves_no_files(model, tmp_path):
     song = tmp_path / "long.wav"
     sf.write(song, tones(44100, 120 * 44100, 2).T, 44100, subtype="PCM_16")

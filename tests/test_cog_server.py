@@ -34,6 +34,8 @@ from stemsep.reference import CHECKPOINT_NAME, CONFIG_NAME
 from stemsep.separator import MAX_OVERLAP
 from stemsep.testing import TINY_MODEL, config_dict, make_model_files, tones
 
+pytestmark = pytest.mark.slow  # the real Cog server: about a minute
+
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 import write_cog_schema  # noqa: E402

@@ -460,6 +460,7 @@ def fuzz_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
 
 
+@pytest.mark.slow
 @seed(int(FUZZ_SEED or 0))
 @settings(
     derandomize=FUZZ_SEED is None,  # the same examples on every run: a CI failure reproduces locally

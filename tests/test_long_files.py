@@ -8,9 +8,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from stemsep.testing import config_dict, make_model_files
+
+pytestmark = pytest.mark.slow  # an hour-long file through a real process: minutes
 
 # The cheapest network that still runs the whole pipeline: coarse STFT, five bands.
 CHEAP = config_dict(

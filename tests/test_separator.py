@@ -258,6 +258,7 @@ def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     return 10 * math.log10(np.sum(reference**2) / np.sum((reference - estimate) ** 2))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="audio-separator needs the ffmpeg binary (apt-get install ffmpeg)")
 def test_pipeline_parity_with_audio_separator_on_the_same_random_weights(models, tmp_path):
     """Same checkpoint through audio-separator's Separator: close, not identical (its Hamming

@@ -556,6 +556,7 @@ def _assert_cog_stems(store: Path, pid: str) -> None:
         assert (info.frames, info.channels, info.samplerate) == (frames, 2, 44100)
 
 
+@pytest.mark.slow
 def test_cog_async_prediction_through_a_signing_relay_lands_both_stems(cog, tmp_path):
     store = tmp_path / "store"
     with running(store) as receiver:
@@ -568,6 +569,7 @@ def test_cog_async_prediction_through_a_signing_relay_lands_both_stems(cog, tmp_
     assert relay.forwarded and set(relay.forwarded) == {200}
 
 
+@pytest.mark.slow
 def test_cog_async_prediction_straight_to_an_insecure_receiver_lands_both_stems(cog, tmp_path):
     store = tmp_path / "store"
     with running(store, "--insecure-no-verify", secret=None) as receiver:
@@ -575,6 +577,7 @@ def test_cog_async_prediction_straight_to_an_insecure_receiver_lands_both_stems(
         _assert_cog_stems(store, "cogunsigned1")
 
 
+@pytest.mark.slow
 def test_cog_webhook_unsigned_is_refused_by_a_verifying_receiver(cog, tmp_path):
     store = tmp_path / "store"
     with running(store) as receiver:
