@@ -832,3 +832,36 @@ def test_wav_over_4_gib_is_written_as_rf64(tmp_path):
         writer.write(np.zeros((2, 100), np.float32))
     assert soundfile.info(path).format == "RF64"
     assert decode(path)[1].frames == 100
+
+
+def test_eight_planar_channels_decode_without_reading_past_the_frame(tmp_path):
+    """7.1 AAC decodes to 8 planar channels, for which PyAV lists a ninth plane that its
+    to_ndarray would read past the frame's end (a segmentation fault). Run in a child
+    process so a crash fails this test instead of ending the run. A 60-Hz tone, which the
+    low-frequency channel keeps too."""
+    import subprocess
+    import sys
+
+    script = """
+import fractions, sys
+import av, numpy as np
+from stemsep import audio
+rate, n = 48000, 24000
+x = (0.1 * np.sin(np.arange(n) * 2 * np.pi * 60 / rate)).astype(np.float32) * np.linspace(0.2, 1, 8)[:, None].astype(np.float32)
+with av.open(sys.argv[1], "w") as out:
+    stream = out.add_stream("aac", rate=rate)
+    stream.layout = "7.1"
+    for i in range(0, n, 1024):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[:, i : i + 1024].T.reshape(1, -1)), format="flt", layout="7.1")
+        frame.sample_rate, frame.pts, frame.time_base = rate, i, fractions.Fraction(1, rate)
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    for packet in stream.encode(None):
+        out.mux(packet)
+y, info = audio.decode(sys.argv[1])
+levels = np.sqrt(np.mean(y[:, 4800:-4800].astype(np.float64) ** 2, axis=1)) / np.sqrt(np.mean(x[:, 4800:-4800].astype(np.float64) ** 2, axis=1))
+print(y.shape, info.channels, np.round(levels, 1).tolist())
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "surround.m4a")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(8, 24000) 8 [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]"

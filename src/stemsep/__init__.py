@@ -1,10 +1,12 @@
-"""stemsep: split a song into vocals and instrumental with BS-RoFormer (viperx 1297)."""
+"""stemsep: split songs into stems with BS-RoFormer and MelBand-RoFormer models (default: viperx 1297)."""
 
 from stemsep.errors import (
     AudioDecodeError,
     AudioEncodeError,
     CheckpointError,
+    ClippingWarning,
     ConfigError,
+    NotAudioError,
     RemoteError,
     StemsepError,
     WeightsDownloadError,
@@ -12,10 +14,13 @@ from stemsep.errors import (
 
 __all__ = [
     "Separator",
+    "Ensemble",
     "AudioDecodeError",
     "AudioEncodeError",
     "CheckpointError",
+    "ClippingWarning",
     "ConfigError",
+    "NotAudioError",
     "RemoteError",
     "StemsepError",
     "WeightsDownloadError",
@@ -25,8 +30,8 @@ __all__ = [
 def __getattr__(name: str):
     # The Separator pulls in torch; importing it lazily keeps `import stemsep` (and commands
     # such as `stemsep weights verify`) light.
-    if name == "Separator":
-        from stemsep.separator import Separator
+    if name in ("Separator", "Ensemble"):
+        from stemsep import separator
 
-        return Separator
+        return getattr(separator, name)
     raise AttributeError(f"module 'stemsep' has no attribute {name!r}")

@@ -148,17 +148,21 @@ def _source_bits(codec: str, sample_format: str, extradata: bytes | None) -> int
     return bits or av.AudioFormat(sample_format).bits
 
 
+_SAMPLE_DTYPES = {"u8": np.uint8, "s16": np.int16, "s32": np.int32, "s64": np.int64, "flt": np.float32, "dbl": np.float64}
+
+
 def _to_float32(frame: av.AudioFrame, channels: int) -> np.ndarray:
     """One decoded frame as float32 (channels, n) on the module's scale."""
     fmt = frame.format
-    if fmt.name.rstrip("p") == "s64":  # PyAV's to_ndarray has no s64: read the planes as to_ndarray would
-        count = frame.samples * (1 if fmt.is_planar else channels)
-        a = np.stack([np.frombuffer(plane, dtype=np.int64, count=count) for plane in frame.planes])
-    else:
-        a = frame.to_ndarray()  # planar: (channels, n); packed: (1, n * channels)
+    kind = fmt.name.rstrip("p")
+    # Read the planes ourselves rather than through to_ndarray: PyAV has no s64 there, and
+    # for 8 or more planar channels it lists one plane too many (9 for 7.1 AAC), which
+    # to_ndarray reads past the frame's end (a crash).
+    count = frame.samples * (1 if fmt.is_planar else channels)
+    planes = frame.planes[: channels if fmt.is_planar else 1]
+    a = np.stack([np.frombuffer(plane, dtype=_SAMPLE_DTYPES[kind], count=count) for plane in planes])
     if not fmt.is_planar:
         a = a.reshape(-1, channels).T  # (n, channels) interleaved -> (channels, n)
-    kind = fmt.name.rstrip("p")
     if kind in ("flt", "dbl"):
         with np.errstate(over="ignore"):  # a double beyond float32's range becomes inf, refused by the caller
             return np.ascontiguousarray(a, dtype=np.float32)

@@ -183,17 +183,17 @@ def _section(raw: Mapping, name: str, cls: type, path: Path, required: bool = Tr
     if section is None and not required:
         return cls()
     if not isinstance(section, Mapping):
-        raise ConfigError(f"{path}: missing section '{name}' (is this a RoFormer model config?)")
+        raise ConfigError(f"missing section '{name}' (is this a RoFormer model config?)", file=str(path))
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     missing = [f for f, spec in known.items() if spec.default is MISSING and f not in section]
     if missing:
-        raise ConfigError(f"{path}: section '{name}' lacks required key(s) {', '.join(missing)}")
+        raise ConfigError(f"section '{name}' lacks required key(s) {', '.join(missing)}", file=str(path))
     values = {}
     for key, value in section.items():
         if key in known:
             if not _conforms(value, hints[key]):
-                raise ConfigError(f"{path}: {name}.{key} should be {_describe(hints[key])}, got {value!r}")
+                raise ConfigError(f"{name}.{key} should be {_describe(hints[key])}, got {value!r}", file=str(path))
             values[key] = tuple(value) if isinstance(value, list) else value
     return cls(**values)
 
@@ -205,11 +205,11 @@ def _architecture(raw: Mapping, path: Path) -> type[ModelConfig]:
     model = raw.get("model") if isinstance(raw.get("model"), Mapping) else {}
     if named is not None:
         if not isinstance(named, str) or named not in ARCHITECTURES:
-            raise ConfigError(f"{path}: model_type {named!r} is not one stemsep runs ({' or '.join(ARCHITECTURES)})")
+            raise ConfigError(f"model_type {named!r} is not one stemsep runs ({' or '.join(ARCHITECTURES)})", file=str(path))
         cls = ARCHITECTURES[named]
         other = next(k for c, k in _BAND_KEYS.items() if c is not cls)
         if other in model:
-            raise ConfigError(f"{path}: model_type is {named} but the model section has {other}, a key of the other architecture")
+            raise ConfigError(f"model_type is {named} but the model section has {other}, a key of the other architecture", file=str(path))
         return cls
     present = [cls for cls, key in _BAND_KEYS.items() if key in model]
     if len(present) != 1:
@@ -224,10 +224,10 @@ def _architecture(raw: Mapping, path: Path) -> type[ModelConfig]:
 def _check_model_keys(model: Mapping, path: Path) -> None:
     conformer = [k for k in _CONFORMER_KEYS if k in model]
     if conformer:
-        raise ConfigError(f"{path}: model.{conformer[0]} belongs to a Conformer model, which stemsep does not run")
+        raise ConfigError(f"model.{conformer[0]} belongs to a Conformer model, which stemsep does not run", file=str(path))
     for key, (runs, meaning) in _UNSUPPORTED_MODEL_KEYS.items():
         if key in model and model[key] != runs:
-            raise ConfigError(f"{path}: model.{key} {model[key]!r} asks for {meaning}; stemsep runs only {runs!r}")
+            raise ConfigError(f"model.{key} {model[key]!r} asks for {meaning}; stemsep runs only {runs!r}", file=str(path))
 
 
 def load_config(path: str | Path) -> Config:
@@ -236,17 +236,17 @@ def load_config(path: str | Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError("config file not found", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.__class__.__name__})") from None
+        raise ConfigError(f"cannot read config file ({exc.__class__.__name__})", file=str(path)) from None
     try:
         raw = yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{line}") from None
+        raise ConfigError(f"not valid YAML{line}", file=str(path)) from None
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{path}: not a model config (expected a mapping with 'audio' and 'model' sections)")
+        raise ConfigError("not a model config (expected a mapping with 'audio' and 'model' sections)", file=str(path))
 
     audio = _section(raw, "audio", AudioConfig, path)
     model_cls = _architecture(raw, path)
@@ -264,12 +264,12 @@ def _check(config: Config) -> None:
     hints = typing.get_type_hints(type(m))
     small = [f.name for f in fields(m) if hints[f.name] is int and getattr(m, f.name) < 1]
     if small:
-        raise ConfigError(f"{path}: model.{small[0]} must be at least 1, got {getattr(m, small[0])}")
+        raise ConfigError(f"model.{small[0]} must be at least 1, got {getattr(m, small[0])}", file=str(path))
     if m.stft_win_length > m.stft_n_fft:
-        raise ConfigError(f"{path}: model.stft_win_length {m.stft_win_length} is longer than stft_n_fft {m.stft_n_fft}")
+        raise ConfigError(f"model.stft_win_length {m.stft_win_length} is longer than stft_n_fft {m.stft_n_fft}", file=str(path))
     if isinstance(m, BSRoformerConfig):
         if not all(width > 0 for width in m.freqs_per_bands):
-            raise ConfigError(f"{path}: model.freqs_per_bands should be a list of positive ints, got {list(m.freqs_per_bands)}")
+            raise ConfigError(f"model.freqs_per_bands should be a list of positive ints, got {list(m.freqs_per_bands)}", file=str(path))
         if sum(m.freqs_per_bands) != m.bins:
             raise ConfigError(
                 f"{path}: freqs_per_bands sum to {sum(m.freqs_per_bands)} but an STFT of {m.stft_n_fft} has {m.bins} bins"
@@ -278,12 +278,12 @@ def _check(config: Config) -> None:
         try:
             mel_bands(m.sample_rate, m.stft_n_fft, m.num_bands)
         except ValueError as exc:
-            raise ConfigError(f"{path}: model.num_bands {m.num_bands} does not fit the STFT: {exc}") from None
+            raise ConfigError(f"model.num_bands {m.num_bands} does not fit the STFT: {exc}", file=str(path)) from None
     _check_stems(config)
     if config.audio.chunk_size < m.stft_n_fft:
-        raise ConfigError(f"{path}: audio.chunk_size {config.audio.chunk_size} is shorter than one STFT window")
+        raise ConfigError(f"audio.chunk_size {config.audio.chunk_size} is shorter than one STFT window", file=str(path))
     if config.inference.num_overlap < 1 or config.inference.batch_size < 1:
-        raise ConfigError(f"{path}: inference.num_overlap and inference.batch_size must be at least 1")
+        raise ConfigError("inference.num_overlap and inference.batch_size must be at least 1", file=str(path))
 
 
 def _check_stems(config: Config) -> None:
@@ -292,12 +292,12 @@ def _check_stems(config: Config) -> None:
     instruments, target = config.training.instruments, config.training.target_instrument
     lowered = [name.lower() for name in instruments]
     if len(set(lowered)) != len(lowered):
-        raise ConfigError(f"{path}: training.instruments {list(instruments)} names a stem twice")
+        raise ConfigError(f"training.instruments {list(instruments)} names a stem twice", file=str(path))
     if target:
         if stems != 1:
-            raise ConfigError(f"{path}: model.num_stems is {stems} but a model with a target_instrument predicts one stem")
+            raise ConfigError(f"model.num_stems is {stems} but a model with a target_instrument predicts one stem", file=str(path))
     elif len(instruments) < 2:
-        raise ConfigError(f"{path}: training.target_instrument is not set and training.instruments names fewer than 2 stems")
+        raise ConfigError("training.target_instrument is not set and training.instruments names fewer than 2 stems", file=str(path))
     elif stems != len(instruments):
         raise ConfigError(
             f"{path}: model.num_stems is {stems} but training.instruments names {len(instruments)} stems "
@@ -316,7 +316,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         what = "is a directory, not a checkpoint file" if path.is_dir() else "checkpoint file not found"
-        raise CheckpointError(f"{path}: {what}")
+        raise CheckpointError(f"{what}", file=str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
@@ -324,9 +324,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{path}: contains Python objects besides tensors; refusing to unpickle it (only plain state dicts load)"
             ) from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (corrupt or truncated)") from None
+        raise CheckpointError("not a PyTorch checkpoint (corrupt or truncated)", file=str(path)) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated: {first_line(exc)})") from None
+        raise CheckpointError(f"not a readable PyTorch checkpoint (corrupt or truncated: {first_line(exc)})", file=str(path)) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -334,7 +334,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not obj or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
-        raise CheckpointError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
+        raise CheckpointError("not a state dict (expected a mapping of parameter names to tensors)", file=str(path))
     if all(k.startswith("module.") for k in obj):
         return {k.removeprefix("module."): v for k, v in obj.items()}
     return dict(obj)

@@ -240,11 +240,11 @@ def find_tracks(dataset: str | Path, split: str = "test") -> list[Track]:
     if not tracks:
         splits = [p.name for p in (dataset / "train", dataset / "test") if p.is_dir()]
         hint = f" (it has {', '.join(s + '/' for s in splits)}; choose one of them as the split)" if splits else ""
-        raise EvaluationError(f"{folder}: no MUSDB18-HQ track folders (with a mixture.wav) or MUSDB18 .stem.mp4 files{hint}")
+        raise EvaluationError(f"no MUSDB18-HQ track folders (with a mixture.wav) or MUSDB18 .stem.mp4 files{hint}", file=str(folder))
     names = [t.name for t in tracks]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
-        raise EvaluationError(f"{folder}: track {twice[0]!r} is there both as a folder and as a .stem.mp4 file")
+        raise EvaluationError(f"track {twice[0]!r} is there both as a folder and as a .stem.mp4 file", file=str(folder))
     return tracks
 
 
@@ -324,7 +324,7 @@ def find_estimates(directory: str | Path, track: str) -> dict[str, Path]:
     for stem, paths in candidates.items():
         if len(paths) > 1:
             names = ", ".join(sorted(str(p.relative_to(directory)) for p in paths))
-            raise EvaluationError(f"{directory}: several {stem} estimates for {track!r} ({names}); keep one")
+            raise EvaluationError(f"several {stem} estimates for {track!r} ({names}); keep one", file=str(directory))
         if paths:
             found[stem] = paths[0]
     return found
@@ -336,9 +336,9 @@ def load_estimate(path: Path, reference: np.ndarray, sample_rate: int) -> np.nda
     x, info = audio.decode(path)
     ref_channels, ref_samples = reference.shape
     if info.sample_rate != sample_rate:
-        raise EvaluationError(f"{path}: is {info.sample_rate} Hz but the reference is {sample_rate} Hz; resample it first")
+        raise EvaluationError(f"is {info.sample_rate} Hz but the reference is {sample_rate} Hz; resample it first", file=str(path))
     if x.shape[0] != ref_channels:
-        raise EvaluationError(f"{path}: has {x.shape[0]} channels but the reference has {ref_channels}")
+        raise EvaluationError(f"has {x.shape[0]} channels but the reference has {ref_channels}", file=str(path))
     if x.shape[1] != ref_samples:
         raise EvaluationError(
             f"{path}: has {x.shape[1]} samples but the reference has {ref_samples}; estimates must have the mixture's length"
@@ -357,7 +357,7 @@ def file_estimates(directory: str | Path) -> Estimator:
     def estimate(track: Track, mixture: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
         paths = find_estimates(directory, track.name)
         if not paths:
-            raise EvaluationError(f"{directory}: no {', '.join(STEMS)} estimate for {track.name!r}")
+            raise EvaluationError(f"no {', '.join(STEMS)} estimate for {track.name!r}", file=str(directory))
         stems = {stem: load_estimate(path, mixture, sample_rate).astype(np.float64) for stem, path in paths.items()}
         for stem, other in COMPLEMENTS.items():
             if stem not in stems and other in stems:
@@ -469,7 +469,7 @@ def read_results(path: str | Path, settings: dict[str, Any]) -> dict[str, TrackS
         stored, written_format = data["settings"], data["format"]
         tracks = [TrackScore.from_json(t) for t in data["tracks"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EvaluationError(f"{path}: is not a stemsep eval results file ({exc}); choose another results file") from None
+        raise EvaluationError(f"is not a stemsep eval results file ({exc}); choose another results file", file=str(path)) from None
     if written_format != JSON_FORMAT:
         raise EvaluationError(
             f"{path}: holds results in format {written_format!r}, and this stemsep resumes format {JSON_FORMAT} only; "
@@ -479,7 +479,7 @@ def read_results(path: str | Path, settings: dict[str, Any]) -> dict[str, TrackS
     if wanted != had:
         diff = ", ".join(f"{k}: {had.get(k, 'unset')!r} there, {wanted.get(k, 'unset')!r} now"
                          for k in sorted(wanted.keys() | had.keys()) if wanted.get(k) != had.get(k))
-        raise EvaluationError(f"{path}: holds results for other settings ({diff}); choose another results file or delete it")
+        raise EvaluationError(f"holds results for other settings ({diff}); choose another results file or delete it", file=str(path))
     return {t.name: t for t in tracks}
 
 

@@ -81,9 +81,9 @@ class ReferenceEngine:
             raise
         except Exception as exc:  # its errors are of every kind; ours is one sentence
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise StemsepError(f"{audio.name}: audio-separator could not separate it: {first_line}") from None
+            raise StemsepError(f"audio-separator could not separate it: {first_line}", file=str(audio.name)) from None
         paths = {stem: output_dir / f"{wanted[stem]}.{output_format}" for stem in wanted}
         missing = [p.name for p in paths.values() if not p.is_file()]
         if missing:
-            raise StemsepError(f"{audio.name}: audio-separator did not write {', '.join(missing)}")
+            raise StemsepError(f"audio-separator did not write {', '.join(missing)}", file=str(audio.name))
         return paths

@@ -98,7 +98,7 @@ def audio_input(audio: Audio) -> Any:
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio)
         if not path.is_file():
-            raise RemoteError(f"{path}: no such file")
+            raise RemoteError("no such file", file=str(path))
         _check_size(path.stat().st_size, path.name)
         return path
     if hasattr(audio, "read"):
@@ -305,7 +305,7 @@ def download(
         try:
             data = base64.b64decode(payload, validate=True) if header.endswith(";base64") else unquote(payload).encode()
         except binascii.Error:
-            raise RemoteError(f"{dest.name}: the output data URL is not valid base64") from None
+            raise RemoteError("the output data URL is not valid base64", file=str(dest.name)) from None
         with atomic_file(dest) as f:
             f.write(data)
         return dest
@@ -543,7 +543,7 @@ class Manifest:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
-            raise RemoteError(f"{self.path}: cannot open the manifest: {exc}") from None
+            raise RemoteError(f"cannot open the manifest: {exc}", file=str(self.path)) from None
 
     def close(self) -> None:
         with self._lock:
@@ -679,7 +679,7 @@ class _FolderLock:
         except OSError:
             os.close(self._fd)
             self._fd = None
-            raise RemoteError(f"{self.path.parent}: another stemsep remote run is using this folder") from None
+            raise RemoteError("another stemsep remote run is using this folder", file=str(self.path.parent)) from None
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -722,7 +722,7 @@ def expand_inputs(items: Iterable[str | os.PathLike] = (), from_files: Iterable[
             else:
                 text, base = Path(list_file).read_text(encoding="utf-8"), Path(list_file).parent
         except (OSError, UnicodeDecodeError) as exc:
-            raise RemoteError(f"{list_file}: cannot read the list of inputs: {exc}") from None
+            raise RemoteError(f"cannot read the list of inputs: {exc}", file=str(list_file)) from None
         for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
@@ -999,7 +999,7 @@ def separate_many(
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RemoteError(f"{output_dir}: cannot create the output folder: {exc.strerror}") from None
+        raise RemoteError(f"cannot create the output folder: {exc.strerror}", file=str(output_dir)) from None
     keys = expand_inputs(inputs, from_files)
     manifest_path = output_dir / MANIFEST_NAME
     if not keys and not manifest_path.exists():

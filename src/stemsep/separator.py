@@ -66,7 +66,7 @@ class _Separation:
         unknown = [s for s in stems if s not in self.stems]
         if unknown or not stems:
             what = f"unknown stem {unknown[0]!r}" if unknown else "no stems chosen"
-            raise StemsepError(f"{what}: this model gives {', '.join(self.stems)}")
+            raise StemsepError(f"this model gives {', '.join(self.stems)}", file=str(what))
         return tuple(s for s in self.stems if s in stems)
 
     def separate_array(
@@ -138,8 +138,8 @@ class _Separation:
             stem_bytes = (frames or 0) * channels * audio.bytes_per_sample(subtype)
         if frames and frames / reader.header.sample_rate > limit:
             raise AudioDecodeError(
-                f"{reader.name}: {_clock(frames / reader.header.sample_rate)} long, over the {_clock(limit)} limit "
-                "(STEMSEP_MAX_DURATION_S)"
+                f"{_clock(frames / reader.header.sample_rate)} long, over the {_clock(limit)} limit (STEMSEP_MAX_DURATION_S)",
+                file=reader.name,
             )
         name = name or _fit_name(input_path.stem, ext, self.stems)
         paths = {stem: output_dir / f"{name}_{stem}.{ext}" for stem in wanted}

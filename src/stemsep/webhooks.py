@@ -90,7 +90,7 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            raise StemsepError(f"{self.directory}: cannot open the webhook store ({exc})") from None
+            raise StemsepError(f"cannot open the webhook store ({exc})", file=str(self.directory)) from None
         self._lock = threading.Lock()
 
     def close(self) -> None:
