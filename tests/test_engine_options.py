@@ -46,6 +46,7 @@ def test_batch_size_changes_nothing_beyond_round_off(files, reference, batch_siz
     assert np.abs(out - fp32).max() < 1e-6
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager(files, reference):
     mix, fp32 = reference
     separator = Separator(*files, device="cpu", batch_size=3, compile=True)

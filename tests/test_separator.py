@@ -54,6 +54,7 @@ def test_pass_through_is_exact_at_any_length_and_overlap(models, frames, overlap
     assert db(np.abs(vocals - mix).max()) < -110
 
 
+@pytest.mark.slow
 def test_several_minutes_separate_with_exact_length_and_no_seams(models):
     mix = tones(48000, 3 * 60 * 48000 + 17, 2)
     vocals = models["pass"].separate_array(mix, 48000, overlap=2)["vocals"]
