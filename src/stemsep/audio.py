@@ -578,7 +578,26 @@ def open_part_file(path: str, name: str, flags: int) -> tuple[str, int]:
         raise AudioEncodeError(f"cannot be written into {directory} ({_reason(exc)})", file=name) from None
 
 
-class AudioWriter(AllOrNothing):
+class EncodingWriter(AllOrNothing):
+    """A stem writer's failure policy: any failure inside `_aborting_on_error` aborts the
+    file, and the encoder's own errors (`write_errors`) become one AudioEncodeError sentence
+    naming the file (`name`)."""
+
+    name: str
+    write_errors: tuple[type[BaseException], ...] = (OSError,)
+
+    @contextlib.contextmanager
+    def _aborting_on_error(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, self.write_errors):
+                raise AudioEncodeError(f"{what} ({_reason(exc)})", file=self.name) from None
+            raise
+
+
+class AudioWriter(EncodingWriter):
     """Writes a stem block by block, atomically.
 
     Data goes to a hidden `.<name>.<random>.part` file beside `path`, which replaces `path`
@@ -588,6 +607,8 @@ class AudioWriter(AllOrNothing):
     integer blocks are taken as already quantized to the subtype's bits and written as is.
     WAV data over 4 GiB (`expected_frames`) is written as RF64.
     """
+
+    write_errors = (soundfile.LibsndfileError, RuntimeError, OSError)
 
     def __init__(
         self,
@@ -632,17 +653,6 @@ class AudioWriter(AllOrNothing):
             self._file.write(data)
         self.clip += report
         return report
-
-    @contextlib.contextmanager
-    def _aborting_on_error(self, what: str) -> Iterator[None]:
-        """Any failure inside aborts the file; a write error becomes AudioEncodeError."""
-        try:
-            yield
-        except BaseException as exc:
-            self.abort()
-            if isinstance(exc, (soundfile.LibsndfileError, RuntimeError, OSError)):
-                raise AudioEncodeError(f"{what} ({_reason(exc)})", file=self.name) from None
-            raise
 
     def _samples(self, block: np.ndarray) -> tuple[np.ndarray, ClipReport]:
         bits = PCM_BITS.get(self.subtype)

@@ -91,7 +91,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -104,14 +103,14 @@ from stemsep.audio import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
     ClipReport,
+    EncodingWriter,
     StreamResampler,
     _ffmpeg_quiet,
-    _reason,
     display_name,
     open_part_file,
 )
 from stemsep.errors import AudioEncodeError
-from stemsep.files import AllOrNothing, commit_part
+from stemsep.files import commit_part
 
 COMPRESSED_FORMATS = ("mp3", "m4a", "opus")
 
@@ -258,7 +257,7 @@ def encode_settings(format: str, sample_rate: int, channels: int, bitrate_kbps: 
     return EncodeSettings(fmt, codec.encoder, sample_rate, rate, channels, _LAYOUTS[channels], kbps)
 
 
-class CompressedWriter(AllOrNothing):
+class CompressedWriter(EncodingWriter):
     """Writes a stem as MP3, M4A (AAC) or Opus block by block, atomically.
 
     `sample_rate` and `channels` describe the blocks written; the file may be written at
@@ -267,6 +266,8 @@ class CompressedWriter(AllOrNothing):
     :class:`stemsep.audio.AudioWriter`'s interface and not needed. Blocks are float
     (channels, n); samples beyond full scale are clipped and counted in `clip`.
     """
+
+    write_errors = (av.error.FFmpegError, OSError)
 
     def __init__(
         self,
@@ -392,17 +393,6 @@ class CompressedWriter(AllOrNothing):
         with _ffmpeg_quiet():
             packets = self._stream.encode(frame)
             self._container.mux(packets)
-
-    @contextlib.contextmanager
-    def _aborting_on_error(self, what: str) -> Iterator[None]:
-        """Any failure inside aborts the file; an FFmpeg or OS error becomes AudioEncodeError."""
-        try:
-            yield
-        except BaseException as exc:
-            self.abort()
-            if isinstance(exc, (av.error.FFmpegError, OSError)):
-                raise AudioEncodeError(f"{what} ({_reason(exc)})", file=self.name) from None
-            raise
 
     # -- finishing -------------------------------------------------------------------
 
