@@ -214,7 +214,7 @@ def worker(args: argparse.Namespace) -> None:
         vocals = separator.separate(args.input, out_dir, overlap=args.overlap)["vocals"]
     else:
         outputs = separator.separate(args.input)
-        vocals = out_dir / next(Path(o).name for o in outputs if "(Vocals)" in o)
+        vocals = out_dir / next(Path(o).name for o in outputs if "(vocals)" in o.lower())
     if args.device == "cuda":
         torch.cuda.synchronize()
     t3 = time.perf_counter()
