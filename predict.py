@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from stemsep import catalogue  # noqa: E402
 from stemsep.errors import StemsepError  # noqa: E402
-from stemsep.inference import resolve_device  # noqa: E402
+from stemsep.inference import resolve_device, use_compile_cache  # noqa: E402
 from stemsep.reference import ReferenceEngine  # noqa: E402
 from stemsep.separator import Separator  # noqa: E402
 
@@ -89,17 +89,12 @@ _TEMP_NAME = re.compile(r"^tmp[a-z0-9_]{8}")
 
 def use_worker_temp_dir(root: FilePath) -> FilePath:
     """Point this process's temp folder (tempfile.tempdir, $TMPDIR for child processes) at
-    `root`/tmp and return it. TorchInductor keeps its cache where it was (its default
-    follows the temp folder), so compiled kernels never live in the folder run() clears."""
+    `root`/tmp and return it. TorchInductor's cache (whose default follows the temp folder)
+    goes to the persistent compile cache first, so compiled code never lives in the folder
+    run() clears."""
     tmp = root / WORKER_TMP
     tmp.mkdir(parents=True, exist_ok=True)
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        try:
-            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-        except ImportError:  # a private module: should it move, keep its documented default
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(FilePath(tempfile.gettempdir()) / f"torchinductor_{os.getuid()}")
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = default_cache_dir()
+    use_compile_cache()  # before TMPDIR moves: compiled code stays out of the folder run() clears
     os.environ["TMPDIR"] = str(tmp)
     tempfile.tempdir = str(tmp)
     return tmp

@@ -117,3 +117,37 @@ def test_out_of_memory_on_a_single_chunk_is_a_clear_error():
     with pytest.raises(StemsepError, match="the GPU ran out of memory on a single chunk"):
         separate_chunks(BatchRunner(RunsOutOfMemoryAbove(limit=0)), np.zeros((1, 2, 1000), np.float32),
                         chunk=256, overlap=2, batch_size=4)
+
+
+COMPILE_RUN = """
+import json, sys, time
+from torch._dynamo.utils import counters
+started = time.perf_counter()
+from stemsep.separator import Separator
+separator = Separator(sys.argv[1], sys.argv[2], device="cpu", batch_size=2, compile=True)
+print(json.dumps({"compiled": separator.compiled, "seconds": time.perf_counter() - started,
+                  "cache_hits": counters["inductor"]["fxgraph_cache_hit"]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_the_compiled_code_from_the_cache_folder(files, tmp_path):
+    """torch.compile's code goes to $STEMSEP_CACHE_DIR/inductor, which outlives the process:
+    a second process compiling the same network takes it from there (FX graph cache hits)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["STEMSEP_CACHE_DIR"] = str(tmp_path / "cache")
+    runs = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", COMPILE_RUN, *map(str, files)], capture_output=True, text=True,
+                                timeout=900, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    print(f"setup with compile: first run {runs[0]['seconds']:.1f} s, second run {runs[1]['seconds']:.1f} s")
+    assert runs[0]["compiled"] and runs[1]["compiled"]
+    assert any((tmp_path / "cache" / "inductor").iterdir())
+    assert runs[0]["cache_hits"] == 0 and runs[1]["cache_hits"] > 0

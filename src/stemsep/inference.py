@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,6 +70,23 @@ def chunk_window(chunk: int, step: int, first: bool = False, last: bool = False)
     if last:
         window[chunk // 2 :] = 1.0
     return window
+
+
+# compiled code ---------------------------------------------------------------------------------
+
+
+def use_compile_cache() -> Path:
+    """Point torch.compile's caches (TorchInductor's and its FX graph cache, both under
+    $TORCHINDUCTOR_CACHE_DIR) at a folder that outlives the process, so that a second run on
+    the same machine reuses the compiled code: $STEMSEP_CACHE_DIR/inductor, by default under
+    the user's cache folder ($XDG_CACHE_HOME or ~/.cache, then stemsep/). Without
+    $STEMSEP_CACHE_DIR, a $TORCHINDUCTOR_CACHE_DIR already set is kept (torch sets its own,
+    under the temp folder, once anything asks for it). Returns the folder in use."""
+    root = os.environ.get("STEMSEP_CACHE_DIR")
+    if root or "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        root = root or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stemsep"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(root) / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 # device and precision ------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from stemsep.inference import (
     resolve_precision,
     separate_song,
     take,
+    use_compile_cache,
 )
 from stemsep.stems import StemLayout, stem_layout, stem_samples
 
@@ -194,6 +195,8 @@ class Separator(_Separation):
         *,
         model: str | None = None,
     ):
+        if compile:
+            use_compile_cache()  # before torch sets its own default (loading the checkpoint does)
         if checkpoint is None or config is None:
             default_checkpoint, default_config = catalogue.model_paths(model)  # one sentence if missing
             checkpoint, config = checkpoint or default_checkpoint, config or default_config
