@@ -261,6 +261,22 @@ def _read_lines(stream, lines: list[str]) -> None:
         lines.append(line)  # noqa: PERF402
 
 
+def start_run(api, args: list[str], done: int) -> tuple[list[str], dict, subprocess.Popen, list[str], threading.Thread]:
+    """`stemsep remote ARGS` in a child process, returned once `done` songs are finished (or
+    60 s passed, or it ended): (its command, its environment, the process, the stdout lines
+    so far, which keep growing, and the thread reading them)."""
+    env = {**os.environ, "REPLICATE_API_TOKEN": TOKEN, "REPLICATE_BASE_URL": api.url, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "stemsep.cli", "remote", *args, "--model", MODEL, "--poll-interval", "0.01"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while sum(line.startswith("ok ") for line in lines) < done and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    return command, env, process, lines, reader
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_restart_finishes_every_song_once(api, tmp_path):
     """Kill the CLI (SIGKILL: no cleanup at all) while predictions are in flight, start it
@@ -277,17 +293,7 @@ def test_sigkill_mid_run_then_restart_finishes_every_song_once(api, tmp_path):
     listing.write_text("# my catalogue\n" + "\n".join(songs[:20]) + "\n\nlocal/take 0.wav\nlocal/take 1.wav\n"
                        + "\n".join(songs[20:]) + f"\n{local[2]}\n")
     out = tmp_path / "out"
-    env = {**os.environ, "REPLICATE_API_TOKEN": TOKEN, "REPLICATE_BASE_URL": api.url, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "stemsep.cli", "remote", "--from", str(listing), "-o", str(out),
-               "--model", MODEL, "--concurrency", "8", "--poll-interval", "0.01"]
-
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=_read_lines, args=(first.stdout, lines), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 60
-    while sum(line.startswith("ok ") for line in lines) < 12 and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.005)
+    command, env, first, lines, reader = start_run(api, ["--from", str(listing), "-o", str(out), "--concurrency", "8"], done=12)
     with api.lock:
         in_flight = len(api.outstanding)
     first.send_signal(signal.SIGKILL)
@@ -315,16 +321,7 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes(api, tmp_path):
     api.duration = 0.15
     songs = urls(24)
     out = tmp_path / "out"
-    env = {**os.environ, "REPLICATE_API_TOKEN": TOKEN, "REPLICATE_BASE_URL": api.url, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "stemsep.cli", "remote", *songs, "-o", str(out), "--model", MODEL,
-               "--concurrency", "4", "--poll-interval", "0.01"]
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=_read_lines, args=(first.stdout, lines), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 60
-    while sum(line.startswith("ok ") for line in lines) < 4 and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.005)
+    command, env, first, lines, reader = start_run(api, [*songs, "-o", str(out), "--concurrency", "4"], done=4)
     first.send_signal(signal.SIGINT)
     assert first.wait(30) == 130
     reader.join(5)

@@ -68,33 +68,18 @@ CONFIG_1297: dict[str, Any] = {
     "inference": {"batch_size": 1, "dim_t": 801, "num_overlap": 4},
 }
 
-# Kimberley Jensen's MelBand-RoFormer vocals model (MSST-WebUI's Kim_MelBandRoformer.ckpt.yaml).
+# Kimberley Jensen's MelBand-RoFormer vocals model (MSST-WebUI's Kim_MelBandRoformer.ckpt.yaml):
+# 1297's keys but its band layout (and no linear_transformer_depth), at another size, without dropout.
 CONFIG_KIM_MEL_BAND: dict[str, Any] = {
     "audio": {**CONFIG_1297["audio"], "dim_t": 256, "min_mean_abs": 0.0},
     "model": {
+        **{k: v for k, v in CONFIG_1297["model"].items() if k not in ("freqs_per_bands", "linear_transformer_depth")},
         "dim": 384,
         "depth": 6,
-        "stereo": True,
-        "num_stems": 1,
-        "time_transformer_depth": 1,
-        "freq_transformer_depth": 1,
         "num_bands": 60,
-        "dim_head": 64,
-        "heads": 8,
+        "sample_rate": 44100,
         "attn_dropout": 0,
         "ff_dropout": 0,
-        "flash_attn": True,
-        "dim_freqs_in": 1025,
-        "sample_rate": 44100,
-        "stft_n_fft": 2048,
-        "stft_hop_length": 441,
-        "stft_win_length": 2048,
-        "stft_normalized": False,
-        "mask_estimator_depth": 2,
-        "multi_stft_resolution_loss_weight": 1.0,
-        "multi_stft_resolutions_window_sizes": [4096, 2048, 1024, 512, 256],
-        "multi_stft_hop_size": 147,
-        "multi_stft_normalized": False,
     },
     "training": {"instruments": ["vocals", "other"], "target_instrument": "vocals"},
     "inference": {"batch_size": 1, "dim_t": 256, "num_overlap": 4},
