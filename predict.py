@@ -3,9 +3,12 @@
 ``setup()`` loads the default model (GPU when there is one) from the weights baked into the
 image at ``/weights`` (``$STEMSEP_WEIGHTS_DIR``, set by cog.yaml; a checkout's ``weights/``
 when unset; ``$STEMSEP_CHECKPOINT`` / ``$STEMSEP_CONFIG`` name its files instead) and warms
-it up; the other baked models (:data:`BAKED_MODELS`) load on first use and stay loaded while
-GPU memory allows. ``run()`` turns the inputs into a library call and returns the chosen
-model's stems in the model's order (``[vocals, instrumental]`` for 1297).
+it up, then returns: on a GPU ($STEMSEP_COMPILE) the network compiles in the background,
+predictions run eagerly meanwhile, and the compiled network takes over between two
+batches once it is built and checked against eager (stemsep.compilation). The other baked
+models (:data:`BAKED_MODELS`) load on first use and stay loaded while GPU memory allows.
+``run()`` turns the inputs into a library call and returns the chosen model's stems in the
+model's order (``[vocals, instrumental]`` for 1297).
 Library errors (:class:`stemsep.errors.StemsepError`) fail the prediction with their
 one-sentence message and no traceback.
 
@@ -19,13 +22,15 @@ clears of what earlier ones left (a download that fails leaves its file behind).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
-import warnings
+from collections.abc import Iterable
 from pathlib import Path as FilePath
 from typing import Optional
 
@@ -38,8 +43,9 @@ if (ROOT / "src" / "stemsep").is_dir() and str(ROOT / "src") not in sys.path:
 import torch  # noqa: E402
 
 from stemsep import catalogue  # noqa: E402
-from stemsep.errors import StemsepError  # noqa: E402
-from stemsep.inference import resolve_device, use_compile_cache  # noqa: E402
+from stemsep.compilation import use_compile_cache  # noqa: E402
+from stemsep.errors import StemsepError, report_warnings  # noqa: E402
+from stemsep.inference import resolve_device  # noqa: E402
 from stemsep.reference import ReferenceEngine  # noqa: E402
 from stemsep.separator import Separator  # noqa: E402
 
@@ -100,18 +106,40 @@ def use_worker_temp_dir(root: FilePath) -> FilePath:
     return tmp
 
 
-def clear_worker_temp_dir(tmp: FilePath, keep: os.PathLike[str] | str | None = None) -> None:
+def clear_worker_temp_dir(tmp: FilePath, keep: Iterable[os.PathLike[str] | str] = (), settle_s: float = 0.0) -> None:
     """Remove the temp files earlier predictions left in `tmp` (failed downloads above all),
-    all but `keep`: this prediction's input, which Cog downloaded there before run() and
-    deletes after it."""
-    kept = FilePath(keep).resolve() if keep is not None else None
+    all but `keep` (the inputs of the predictions running now, which Cog downloaded there
+    before run() and deletes after it) and, with `settle_s`, all but those changed in the
+    last `settle_s` seconds (a download still under way for a prediction yet to start)."""
+    kept = {FilePath(path).resolve() for path in keep}
+    recent = time.time() - settle_s
     for entry in tmp.iterdir():
-        if not _TEMP_NAME.match(entry.name) or (kept is not None and entry.resolve() == kept):
+        if not _TEMP_NAME.match(entry.name) or entry.resolve() in kept:
+            continue
+        try:
+            if settle_s and entry.lstat().st_mtime > recent:
+                continue
+        except FileNotFoundError:  # removed meanwhile (Cog deletes an input once its prediction ends)
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
+
+
+def max_concurrency() -> int:
+    """Predictions the server runs at once: $COG_MAX_CONCURRENCY, which cog.yaml's
+    `concurrency.max` sets in the image (1 when unset, as coglet reads it)."""
+    try:
+        return max(1, int(os.environ.get("COG_MAX_CONCURRENCY") or 1))
+    except ValueError:
+        return 1
+
+
+# Under concurrency, how long a temp file must have been left alone before a prediction
+# clears it: Cog downloads a prediction's input before its run() starts, and a download that
+# stalls fails after Cog's 10-s read timeout.
+SETTLE_S = 60.0
 
 
 # output names ----------------------------------------------------------------------------
@@ -151,8 +179,8 @@ def named_input(audio: FilePath, folder: FilePath, name: str) -> FilePath:
 
 def use_compile(device: str) -> bool:
     """$STEMSEP_COMPILE: "auto" (the default) compiles on a GPU, where torch.compile makes the
-    network about 1.9x faster for about 100 s of setup on an H100 (measured: 101.8 s,
-    benchmarks/results/cog_predict_cuda.json); "1"/"0" force it."""
+    network about 1.9x faster (benchmarks/results/separate_cuda_full.md); "1"/"0" force it.
+    It compiles in the background: setup() and predictions never wait for it."""
     choice = os.environ.get("STEMSEP_COMPILE", "auto").strip().lower()
     if choice == "auto":
         return resolve_device(device).type == "cuda"
@@ -160,19 +188,28 @@ def use_compile(device: str) -> bool:
 
 
 def warm_up(separator: Separator) -> None:
-    """On a GPU, one forward pass of one full chunk (the shape predictions use), so that the
-    first prediction pays for no lazy initialization: cuBLAS/cuDNN handles, kernel loading,
-    the caching allocator's first blocks. A whole batch of 1297's would add seconds on an A40
-    for nothing more (a compiled model was already warmed up with a whole batch when it was
-    compiled). On the CPU nothing is worth it: a full-size chunk takes over a minute there,
-    and the first one costs no more than the others."""
-    if separator.device.type != "cuda" or separator.compiled:
+    """On a GPU, one eager forward pass of one full chunk (the shape predictions use), so that
+    the first prediction pays for no lazy initialization: cuBLAS/cuDNN handles, kernel
+    loading, the caching allocator's first blocks. A whole batch of 1297's would add seconds
+    on an A40 for nothing more (the compiled network, built in the background, is run on a
+    whole batch before it takes over). On the CPU nothing is worth it: a full-size chunk
+    takes over a minute there, and the first one costs no more than the others."""
+    if separator.device.type != "cuda":
         return
     cfg = separator.config
-    channels = 2 if cfg.model.stereo else 1
     with torch.inference_mode():
-        separator.model(torch.zeros(1, channels, cfg.audio.chunk_size, device=separator.device))
+        separator.model(torch.zeros(1, separator.channels, cfg.audio.chunk_size, device=separator.device))
     torch.cuda.synchronize(separator.device)
+
+
+def network_in_use(separator: Separator) -> str:
+    """What runs a prediction's chunks, for its logs."""
+    compilation = separator.compilation
+    if compilation is None:
+        return "eager"
+    if compilation.state == "compiled":
+        return f"compiled (built in {compilation.seconds:.1f} s)"
+    return "eager (compiling in the background)" if compilation.state == "compiling" else "eager (compiling failed)"
 
 
 # inputs ------------------------------------------------------------------------------------
@@ -194,7 +231,17 @@ ENGINE_HELP = "native: stemsep's pipeline, which keeps the input's sample rate, 
 # the runner -------------------------------------------------------------------------------
 
 
+class PredictionCanceled(Exception):
+    """Raised between two chunks of a canceled prediction, to stop it and remove its files."""
+
+
 class Runner(BaseRunner):
+    """One prediction at a time by default; `concurrency.max` in cog.yaml ($COG_MAX_CONCURRENCY)
+    lets more run at once, each in a thread of its own (run() is async for that: coglet runs
+    async runners concurrently and sync ones one at a time). On a GPU their batches queue for
+    the one GPU, so one prediction's decoding, encoding and upload overlap another's network
+    time; on the CPU they share the cores."""
+
     def setup(self) -> None:
         checkpoint, config = model_files()
         self.device = os.environ.get("STEMSEP_DEVICE", "auto")
@@ -205,20 +252,26 @@ class Runner(BaseRunner):
         warm_up(self.separator)
         warmed = time.perf_counter()
         self.loaded = {catalogue.DEFAULT: self.separator}  # the baked models loaded so far
+        self.loading = threading.Lock()  # one model load at a time
         self.checkpoint = checkpoint
         self.root = work_root()
         self.tmp = use_worker_temp_dir(self.root)
         clear_worker_temp_dir(self.tmp)  # what a previous worker left
         self.reference: ReferenceEngine | None = None
+        # predictions in flight (output folder -> input file) and the folder of the last to
+        # return, whose files Cog may still be reading when the next starts (see _clean_up)
+        self.lock = threading.Lock()
+        self.in_flight: dict[FilePath, FilePath] = {}
+        self.last_returned: FilePath | None = None
+        report_warnings(lambda line: print(line, flush=True))  # into the logs of the prediction that raised it
         self.timings = {"load_s": loaded - started, "warm_up_s": warmed - loaded}
         print(
-            f"stemsep: {checkpoint.name} loaded on {self.separator.device}{' and compiled' if self.separator.compiled else ''} "
-            f"in {self.timings['load_s']:.2f} s, "
-            f"warmed up in {self.timings['warm_up_s']:.2f} s",
+            f"stemsep: {checkpoint.name} loaded on {self.separator.device} in {self.timings['load_s']:.2f} s, "
+            f"warmed up in {self.timings['warm_up_s']:.2f} s; network {network_in_use(self.separator)}",
             flush=True,
         )
 
-    def run(
+    async def run(
         self,
         audio: Path = Input(description=AUDIO_HELP),
         model: str = Input(description=MODEL_HELP, choices=["1297", "kim-vocals", "duality-v2", "karaoke"], default="1297"),
@@ -230,70 +283,113 @@ class Runner(BaseRunner):
         tta: bool = Input(description=TTA_HELP, default=False),
         engine: str = Input(description=ENGINE_HELP, choices=["native", "audio-separator"], default="native"),
     ) -> list[Path]:
-        self._remove_previous_outputs()
-        clear_worker_temp_dir(self.tmp, keep=audio)
+        canceled = threading.Event()
+        # to_thread copies this context, through which coglet sends the thread's prints to
+        # this prediction's logs
+        work = asyncio.ensure_future(asyncio.to_thread(
+            self._prediction, canceled, audio, model, stems, output_format, bit_depth, bitrate, overlap, tta, engine))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # Canceled: coglet has already answered. The separation stops before its next
+            # chunk and removes its files; wait for that before the task ends.
+            canceled.set()
+            await asyncio.wait([work])
+            raise
+
+    def _prediction(self, canceled: threading.Event, audio, model, stems, output_format, bit_depth, bitrate, overlap, tta,
+                engine) -> list[Path]:
+        """One prediction, in its own thread: the inputs as a library call."""
         output_dir = FilePath(tempfile.mkdtemp(prefix="prediction-", dir=self.root))
+        self._clean_up(start=(output_dir, FilePath(audio)))
         name = output_name(audio)
+
+        def progress(done: int, total: int) -> None:
+            if canceled.is_set():
+                raise PredictionCanceled
+            report(done, total)
+
+        report = _progress_printer()
         try:
             audio = named_input(FilePath(audio), output_dir / "input", name)
             chosen = [s.strip() for s in stems.split(",") if s.strip()] if stems else None
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if engine == "audio-separator":
-                    if (model, chosen, tta, bitrate) != (catalogue.DEFAULT, None, False, None) or output_format not in ("wav", "flac"):
-                        raise StemsepError("the audio-separator engine runs the default model to wav or flac, with all stems and no quality mode")
-                    paths = self._reference().separate(audio, output_dir, output_format, overlap, name)
-                else:
-                    paths = self._separator(model).separate(
-                        audio,
-                        output_dir,
-                        output_format=output_format,
-                        bit_depth=bit_depth if bit_depth == "auto" else int(bit_depth),
-                        bitrate_kbps=bitrate,
-                        overlap=overlap,
-                        on_progress=_progress_printer(),
-                        name=name,
-                        stems=chosen,
-                        tta=tta,
-                    )
+            if engine == "audio-separator":
+                if (model, chosen, tta, bitrate) != (catalogue.DEFAULT, None, False, None) or output_format not in ("wav", "flac"):
+                    raise StemsepError("the audio-separator engine runs the default model to wav or flac, with all stems and no quality mode")
+                paths = self._reference().separate(audio, output_dir, output_format, overlap, name)
+            else:
+                separator = self._separator(model)
+                print(f"stemsep: {model} network {network_in_use(separator)}", flush=True)
+                paths = separator.separate(
+                    audio,
+                    output_dir,
+                    output_format=output_format,
+                    bit_depth=bit_depth if bit_depth == "auto" else int(bit_depth),
+                    bitrate_kbps=bitrate,
+                    overlap=overlap,
+                    on_progress=progress,
+                    name=name,
+                    stems=chosen,
+                    tta=tta,
+                )
+            if canceled.is_set():
+                raise PredictionCanceled
         except BaseException as exc:  # failed or canceled: leave nothing behind
             shutil.rmtree(output_dir, ignore_errors=True)
             if isinstance(exc, StemsepError):
                 raise StemsepError(str(exc)) from None  # one line in the prediction's error, no traceback
             raise
-        for warning in caught:
-            if not issubclass(warning.category, (DeprecationWarning, FutureWarning)):
-                print(f"warning: {warning.message}", flush=True)
+        finally:
+            self._clean_up(end=output_dir)
         return [Path(path) for path in paths.values()]
 
     def _separator(self, name: str) -> Separator:
         """A baked model, loaded on first use. On a GPU, models loaded earlier (but the
         default) are let go first when free memory would not hold twice the new one's weights."""
-        if name not in self.loaded:
-            if name not in BAKED_MODELS:
-                raise StemsepError(f"model {name!r} is not in this image; its models are {', '.join(BAKED_MODELS)}")
-            checkpoint, config = model_files(name)
-            device = resolve_device(self.device)
-            if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 2 * checkpoint.stat().st_size:
-                for other in [n for n in self.loaded if n != catalogue.DEFAULT]:
-                    del self.loaded[other]
-                torch.cuda.empty_cache()
-            started = time.perf_counter()
-            self.loaded[name] = Separator(checkpoint, config, device=device, compile=use_compile(self.device))
-            warm_up(self.loaded[name])
-            print(f"stemsep: {name} loaded in {time.perf_counter() - started:.2f} s", flush=True)
-        return self.loaded[name]
+        with self.loading:
+            if name not in self.loaded:
+                if name not in BAKED_MODELS:
+                    raise StemsepError(f"model {name!r} is not in this image; its models are {', '.join(BAKED_MODELS)}")
+                checkpoint, config = model_files(name)
+                device = resolve_device(self.device)
+                if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < 2 * checkpoint.stat().st_size:
+                    for other in [n for n in self.loaded if n != catalogue.DEFAULT]:
+                        del self.loaded[other]  # a prediction running on it keeps it until it ends
+                    torch.cuda.empty_cache()
+                started = time.perf_counter()
+                self.loaded[name] = Separator(checkpoint, config, device=device, compile=use_compile(self.device))
+                warm_up(self.loaded[name])
+                print(f"stemsep: {name} loaded in {time.perf_counter() - started:.2f} s", flush=True)
+            return self.loaded[name]
 
     def _reference(self) -> ReferenceEngine:
-        if self.reference is None:
-            self.reference = ReferenceEngine(self.checkpoint, self.separator.config, self.root)
-        return self.reference
+        with self.loading:
+            if self.reference is None:
+                self.reference = ReferenceEngine(self.checkpoint, self.separator.config, self.root)
+            return self.reference
 
-    def _remove_previous_outputs(self) -> None:
-        """Cog has read the previous prediction's files by the time a new one can start
-        (one prediction at a time; a second request gets 409)."""
-        for folder in self.root.glob("prediction-*"):
-            shutil.rmtree(folder, ignore_errors=True)
+    def _clean_up(self, start: tuple[FilePath, FilePath] | None = None, end: FilePath | None = None) -> None:
+        """Book a prediction in (`start`: its output folder and input) or out (`end`), and
+        remove what no prediction needs any more: the output folders of predictions that
+        have returned (Cog has read their files: it frees a prediction's slot only once its
+        outputs are read and uploaded) and the worker's stray temp files. With more than one
+        prediction at once, a prediction can start while the one that returned last is
+        still being read, so that one's folder is kept until the next, and temp files are
+        left alone until SETTLE_S after their last change (a download for a prediction yet
+        to start); the inputs of predictions in flight always stay."""
+        with self.lock:
+            if end is not None:
+                self.in_flight.pop(end, None)
+                self.last_returned = end if end.exists() else self.last_returned
+                return
+            folder, audio = start
+            self.in_flight[folder] = audio
+            concurrent = max_concurrency() > 1
+            keep = set(self.in_flight) | ({self.last_returned} if concurrent and self.last_returned else set())
+            for old in self.root.glob("prediction-*"):
+                if old not in keep:
+                    shutil.rmtree(old, ignore_errors=True)
+            clear_worker_temp_dir(self.tmp, keep=self.in_flight.values(), settle_s=SETTLE_S if concurrent else 0.0)
 
 
 def _progress_printer():

@@ -14,9 +14,10 @@ import base64
 import http.server as http_server
 import io
 import json
+import os
 import re
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -30,9 +31,17 @@ import torch
 from cogserver import REPO, cog_server, http, wait_for
 
 from stemsep import audio
+from stemsep.compilation import TOLERANCE_DB
 from stemsep.reference import CHECKPOINT_NAME, CONFIG_NAME
 from stemsep.separator import MAX_OVERLAP
-from stemsep.testing import TINY_MODEL, config_dict, make_model_files, tones
+from stemsep.testing import (
+    FAST_CONFIG,
+    TINY_MODEL,
+    config_dict,
+    make_model_files,
+    snr,
+    tones,
+)
 
 pytestmark = pytest.mark.slow  # the real Cog server: about a minute
 
@@ -221,7 +230,7 @@ def test_input_metadata_is_readable_without_running_python():
         for node in tree.body
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
     }
-    run = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "run")
+    run = next(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "run")
     checked = 0
     for default in run.args.defaults:
         assert isinstance(default, ast.Call) and default.func.id == "Input"
@@ -452,12 +461,14 @@ def test_cancel_stops_between_chunks_and_leaves_nothing_behind(server, work_dir)
         canceled_at = time.monotonic()
         assert server.cancel("long-1").status == 200
         r = running.result(timeout=WAIT)
+        # coglet answers at once; the separation stops before its next chunk and removes its
+        # folder, which it does only once stopped
+        wait_for(lambda: leftovers(work_dir) == [], timeout=5, what="the canceled prediction to stop and clean up")
         latency = time.monotonic() - canceled_at
     assert r.json()["status"] == "canceled"
     total = int(re.findall(r'\| \d+/(\d+) \[chunks\]","prediction_id":"long-1"', server.logs())[0])
     assert total > 1000  # many seconds of work were left
     assert latency < 1.0, f"cancel took {latency:.2f} s"
-    assert leftovers(work_dir) == []
     # the server is free again (coglet 0.23.1 answers the canceled request just before it frees
     # the slot: a request sent in that millisecond gets 409, so wait for READY as the platform does)
     server.wait_for_health({"READY"}, WAIT)
@@ -500,6 +511,8 @@ def test_work_dir_holds_at_most_one_prediction_whatever_the_outcomes(server, wor
             assert r.status == 200, r.body[:300]
             status = r.json()["status"]
         assert status == wanted[kind], f"prediction {i} ({kind}): {status}"
+        if kind == "cancel":  # answered at once; the separation stops at its next chunk and cleans up
+            wait_for(lambda: predictions(work_dir) == [], timeout=5, what=f"prediction {i} to clean up")
         folders = predictions(work_dir)
         assert len(folders) == (1 if kind == "ok" else 0), folders
         assert all(folders[0] in p.parents or p == folders[0] for p in leftovers(work_dir)), leftovers(work_dir)
@@ -731,6 +744,44 @@ def test_failed_downloads_leave_nothing_once_the_next_prediction_runs(passthroug
         inputs.close()
 
 
+def test_setup_never_waits_for_the_compiler_and_the_compiled_network_takes_over(tmp_path):
+    """STEMSEP_COMPILE=1 on the CPU, random weights, an empty compile cache: the server is
+    READY while the network is still compiling, a prediction sent at once runs eagerly and
+    gives the right stems, and once the compiled network has taken over the same song gives
+    the same stems within the compile check's tolerance."""
+    weights = tmp_path / "weights"
+    make_model_files(weights, FAST_CONFIG, name=CHECKPOINT_NAME.removesuffix(".ckpt"))
+    env = {**runner_env(weights, tmp_path / "work"), "STEMSEP_COMPILE": "1", "STEMSEP_CACHE_DIR": str(tmp_path / "cache")}
+    x = song(1.0, seed=11)
+    request = {"input": {"audio": data_url(wav_bytes(x)), "bit_depth": "32"}}  # float stems: nothing rounds them
+    started = time.monotonic()
+    with cog_server(env, log_dir=tmp_path) as server:
+        ready_s = time.monotonic() - started
+        assert server.health()["status"] == "READY"
+        assert "network eager (compiling in the background)" in server.logs()  # setup's last line
+        first = server.predict(request).json()
+        assert first["status"] == "succeeded", first.get("error")
+        assert "network eager (compiling in the background)" in first["logs"]
+        eager = [decode_data_url(url)[0] for url in first["output"]]
+        assert eager[0].shape == eager[1].shape == x.shape
+        assert np.abs(eager[0] + eager[1] - x).max() < 1e-6  # vocals + instrumental = the mix
+        assert snr(x, eager[0]) < 20  # random weights: the vocals are not the mix
+
+        def compiled() -> bool:
+            time.sleep(1)
+            body = server.predict({"input": {"audio": data_url(wav_bytes(song(0.2)))}}, timeout=WAIT).json()
+            assert body["status"] == "succeeded", body.get("error")
+            return "network compiled" in body["logs"]
+
+        wait_for(compiled, timeout=900, what="the compiled network to take over")
+        swapped_s = time.monotonic() - started
+        later = server.predict(request).json()
+        assert later["status"] == "succeeded" and "network compiled" in later["logs"], later.get("logs")
+        for before, after in zip(eager, (decode_data_url(url)[0] for url in later["output"])):
+            assert snr(before, after) >= TOLERANCE_DB["fp32"]
+    print(f"READY {ready_s:.1f} s after start; compiled network in use {swapped_s:.1f} s after start")
+
+
 def test_clearing_the_worker_temp_folder_keeps_the_current_input_and_named_caches(tmp_path):
     (tmp_path / "tmpab12cd_9old.wav").write_bytes(b"a failed download")
     (tmp_path / "tmpzz9yy8xx").mkdir()  # a library's mkdtemp()
@@ -738,10 +789,92 @@ def test_clearing_the_worker_temp_folder_keeps_the_current_input_and_named_cache
     current = tmp_path / "tmpq1w2e3r4song.mp3"  # this prediction's input
     current.write_bytes(b"the song")
     (tmp_path / "torchinductor_root").mkdir()  # a named cache
-    predict.clear_worker_temp_dir(tmp_path, keep=current)
+    predict.clear_worker_temp_dir(tmp_path, keep=[current])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tmpq1w2e3r4song.mp3", "torchinductor_root"]
     predict.clear_worker_temp_dir(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["torchinductor_root"]
+
+
+def test_with_predictions_at_once_only_settled_temp_files_are_cleared(tmp_path):
+    """Under concurrency a download for a prediction yet to start may be under way: files
+    changed within `settle_s` stay, older ones go."""
+    old, fresh = tmp_path / "tmpab12cd_9old.wav", tmp_path / "tmpzz9yy8xxnew.wav"
+    old.write_bytes(b"a download that failed a minute ago")
+    fresh.write_bytes(b"a download under way")
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    predict.clear_worker_temp_dir(tmp_path, settle_s=60)
+    assert [p.name for p in tmp_path.iterdir()] == ["tmpzz9yy8xxnew.wav"]
+
+
+# two predictions at once (cog.yaml concurrency.max: 2) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def concurrent_server(tmp_path_factory):
+    """A server running two predictions at once ($COG_MAX_CONCURRENCY, which cog.yaml's
+    concurrency.max sets), with random weights (so that each song's stems are its own)."""
+    weights = tmp_path_factory.mktemp("random-weights")
+    make_model_files(weights, FAST_CONFIG, name=CHECKPOINT_NAME.removesuffix(".ckpt"))
+    work = tmp_path_factory.mktemp("concurrent-work")
+    env = {**runner_env(weights, work), "COG_MAX_CONCURRENCY": "2"}
+    with cog_server(env, log_dir=tmp_path_factory.mktemp("logs")) as s:
+        yield s, work
+
+
+def stems_of(body: dict) -> list[np.ndarray]:
+    assert body["status"] == "succeeded", body.get("error")
+    return [decode_data_url(url)[0] for url in body["output"]]
+
+
+def chunk_totals(logs: str) -> set[int]:
+    return {int(total) for total in re.findall(r"\| \d+/(\d+) \[chunks\]", logs)}
+
+
+def test_two_predictions_at_once_each_get_their_own_stems_and_logs(concurrent_server):
+    """Two songs sent together both succeed (a server running one at a time answers the
+    second with 409), each with the stems it gets when it runs alone and with only its own
+    progress lines in its logs; the work folder keeps only what Cog may still read."""
+    server, work = concurrent_server
+    songs = {"long": song(16.0, seed=21), "short": song(11.0, seed=22)}
+    requests = {k: {"input": {"audio": data_url(wav_bytes(x)), "bit_depth": "32"}} for k, x in songs.items()}
+    alone = {k: server.predict(r, timeout=WAIT).json() for k, r in requests.items()}
+    totals = {k: chunk_totals(body["logs"]) for k, body in alone.items()}
+    assert len(totals["long"]) == len(totals["short"]) == 1 and totals["long"] != totals["short"]
+    with ThreadPoolExecutor(2) as pool:
+        running = {k: pool.submit(http, "PUT", f"{server.url}/predictions/together-{k}", r, None, WAIT) for k, r in requests.items()}
+        together = {k: f.result(timeout=WAIT) for k, f in running.items()}
+    for k in songs:
+        assert together[k].status == 200, together[k].body[:300]
+        body = together[k].json()
+        for a, b in zip(stems_of(alone[k]), stems_of(body)):
+            assert a.shape == b.shape == songs[k].shape
+            assert np.abs(a - b).max() < 1e-6
+        assert chunk_totals(body["logs"]) == totals[k], body["logs"][-2000:]
+    # kept: the two that ran together and the one that returned before they started (Cog
+    # may still have been reading it); the next prediction keeps only its own and the last
+    assert len(predictions(work)) <= 3
+    assert stems_of(server.predict({"input": {"audio": data_url(wav_bytes(song(0.5)))}}).json())
+    assert len(predictions(work)) == 2
+
+
+def test_canceling_one_of_two_predictions_leaves_the_other_to_finish(concurrent_server):
+    server, work = concurrent_server
+    x = song(3.0, seed=23)
+    expected = stems_of(server.predict({"input": {"audio": data_url(wav_bytes(x)), "bit_depth": "32"}}, timeout=WAIT).json())
+    long_song = data_url(wav_bytes(song(60.0, rate=8000, channels=1, seed=24), rate=8000))
+    before = set(predictions(work))
+    with ThreadPoolExecutor(2) as pool:
+        doomed = pool.submit(http, "PUT", f"{server.url}/predictions/doomed", {"input": {"audio": long_song, "overlap": MAX_OVERLAP}}, None, WAIT)
+        wait_for(lambda: re.search(r'\| \d+/\d+ \[chunks\]","prediction_id":"doomed"', server.logs()), what="the first chunks")
+        (doomed_folder,) = set(predictions(work)) - before
+        other = pool.submit(http, "PUT", f"{server.url}/predictions/survivor", {"input": {"audio": data_url(wav_bytes(x)), "bit_depth": "32"}}, None, WAIT)
+        assert server.cancel("doomed").status == 200
+        assert doomed.result(timeout=WAIT).json()["status"] == "canceled"
+        survivor = stems_of(other.result(timeout=WAIT).json())
+    for a, b in zip(expected, survivor):
+        assert np.abs(a - b).max() < 1e-6
+    wait_for(lambda: not doomed_folder.exists(), timeout=5, what="the canceled prediction to stop and clean up")
+    assert len(predictions(work)) <= 2
 
 
 # the model choice, chosen stems, compressed output, progress ----------------------------------

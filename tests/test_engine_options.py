@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from stemsep import compilation
+from stemsep.compilation import TOLERANCE_DB
 from stemsep.errors import StemsepError
 from stemsep.inference import BatchRunner, separate_chunks
 from stemsep.separator import Separator
@@ -47,23 +49,39 @@ def test_batch_size_changes_nothing_beyond_round_off(files, reference, batch_siz
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_eager(files, reference):
+def test_compiling_never_blocks_and_the_compiled_network_takes_over_matching_eager(files, reference):
     mix, fp32 = reference
     separator = Separator(*files, device="cpu", batch_size=3, compile=True)
-    assert separator.runner.compiled_shape[0] == 3 and separator.compiled  # compiled, not fallen back to eager
+    assert separator.compilation.state == "compiling" and not separator.compiled  # returned before compiling
+    during = separator.separate_array(mix, 44100)["vocals"]  # eager, or compiled if it finished meanwhile
+    assert np.abs(during - fp32).max() < 1e-5
+    assert separator.wait_for_compile(timeout=900), separator.compilation.state
+    assert separator.compiled and separator.runner.compiled.shape == (3, 2, 4096)
+    assert separator.compilation.snr_db >= TOLERANCE_DB["fp32"]
     out = separator.separate_array(mix, 44100)["vocals"]
     assert np.abs(out - fp32).max() < 1e-5
 
 
-def test_a_compile_failure_falls_back_to_eager_with_a_warning(files, reference, monkeypatch):
+def test_a_compile_failure_gives_one_warning_and_eager_stays(files, reference, monkeypatch):
     def broken_compile(model, **kwargs):
         def fail(*args):
             raise RuntimeError("inductor exploded")
         return fail
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.warns(UserWarning, match="torch.compile failed, running eagerly: inductor exploded"):
+    with pytest.warns(UserWarning, match="torch.compile failed, running eagerly: inductor exploded") as caught:
         separator = Separator(*files, device="cpu", compile=True)
+        assert not separator.wait_for_compile(timeout=60)
+    assert len(caught) == 1 and separator.compilation.state == "failed" and not separator.compiled
+    mix, fp32 = reference
+    assert np.abs(separator.separate_array(mix, 44100)["vocals"] - fp32).max() < 1e-6
+
+
+def test_a_compiled_network_that_disagrees_with_eager_is_not_used(files, reference, monkeypatch):
+    monkeypatch.setattr(compilation, "compile_regions", lambda model: lambda x: 0.5 * model(x))  # a miscompilation
+    with pytest.warns(UserWarning, match=r"the compiled network's output is 6\.0 dB from eager's, under the 60 dB allowed"):
+        separator = Separator(*files, device="cpu", compile=True)
+        assert not separator.wait_for_compile(timeout=60)
     mix, fp32 = reference
     assert np.abs(separator.separate_array(mix, 44100)["vocals"] - fp32).max() < 1e-6
 
@@ -82,12 +100,26 @@ class Recorder(torch.nn.Module):
 
 def test_the_compiled_network_sees_only_its_shape_and_other_lengths_run_eagerly():
     eager, compiled = Recorder(1.0), Recorder(2.0)
-    runner = BatchRunner(eager, compiled=compiled, compiled_shape=(4, 2, 256))
+    runner = BatchRunner(eager)
+    runner.use_compiled(compiled, (4, 2, 256))
     full = np.ones((3, 2, 256), np.float32)  # a last, short batch of full chunks: padded to the shape
     assert torch.equal(runner(full)[:, 0], 2 * torch.from_numpy(full))
     short = np.ones((1, 2, 100), np.float32)  # a song shorter than one chunk
     assert torch.equal(runner(short)[:, 0], torch.from_numpy(short))
     assert compiled.shapes == [(4, 2, 256)] and eager.shapes == [(1, 2, 100)]
+
+
+def test_the_compiled_network_takes_over_between_batches_of_a_running_song():
+    """The swap happens mid-song: batches before it ran eagerly, batches after it compiled,
+    for the runner and for the test-time-augmentation view made before the swap."""
+    eager, compiled = Recorder(1.0), Recorder(1.0)
+    runner = BatchRunner(eager)
+    tta = runner.with_tta()
+    batch = np.ones((2, 2, 256), np.float32)
+    runner(batch), tta(batch)
+    runner.use_compiled(compiled, (2, 2, 256))
+    runner(batch), tta(batch)
+    assert len(eager.shapes) == 1 + 3 and len(compiled.shapes) == 1 + 3  # a TTA batch is three passes
 
 
 class RunsOutOfMemoryAbove(torch.nn.Module):
@@ -125,7 +157,7 @@ from torch._dynamo.utils import counters
 started = time.perf_counter()
 from stemsep.separator import Separator
 separator = Separator(sys.argv[1], sys.argv[2], device="cpu", batch_size=2, compile=True)
-print(json.dumps({"compiled": separator.compiled, "seconds": time.perf_counter() - started,
+print(json.dumps({"compiled": separator.wait_for_compile(), "seconds": time.perf_counter() - started,
                   "cache_hits": counters["inductor"]["fxgraph_cache_hit"]}))
 """
 

@@ -12,7 +12,12 @@ import pytest
 import soundfile as sf
 
 from stemsep import audio
-from stemsep.errors import AudioDecodeError, AudioEncodeError, ClippingWarning, StemsepError
+from stemsep.errors import (
+    AudioDecodeError,
+    AudioEncodeError,
+    ClippingWarning,
+    StemsepError,
+)
 from stemsep.separator import Separator
 from stemsep.testing import FAST_CHUNK, FAST_CONFIG, db, make_model_files, tones
 

@@ -37,7 +37,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, help="windows covering each sample, 1-16 (default: the model config's)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="transformer precision: auto = bf16 on GPU (fp16 where bf16 is missing), fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="run the network through torch.compile (slow start, faster chunks)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the network with torch.compile in the background: the first chunks run eagerly, the "
+                        "compiled network takes over once built (its code is kept in $STEMSEP_CACHE_DIR for later runs)")
     p.add_argument("--tta", action="store_true",
                    help="quality mode: average the network over the song, its swapped channels and its inverted "
                         "polarity (3x the network time)")
@@ -99,12 +101,11 @@ def _songs(inputs: list[Path], output_dir: Path):
 
 
 def _run_separate(args: argparse.Namespace) -> int:
-    import warnings
-
     from tqdm import tqdm
 
-    from stemsep.errors import NotAudioError
+    from stemsep.errors import NotAudioError, report_warnings
 
+    report_warnings(lambda line: print(f"stemsep: {line}", file=sys.stderr))
     separator = _load_separator(args)
     separator.chosen_stems(args.stems)  # an unknown stem name fails before any work
     done = skipped = failures = 0
@@ -120,12 +121,10 @@ def _run_separate(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
 
             try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    paths = separator.separate(
-                        path, out, output_format=args.format, bit_depth=args.bit_depth, bitrate_kbps=args.bitrate,
-                        overlap=args.overlap, on_progress=progress, stems=args.stems, tta=args.tta,
-                    )
+                paths = separator.separate(
+                    path, out, output_format=args.format, bit_depth=args.bit_depth, bitrate_kbps=args.bitrate,
+                    overlap=args.overlap, on_progress=progress, stems=args.stems, tta=args.tta,
+                )
             except NotAudioError as exc:
                 bar.close()
                 if in_folder:
@@ -141,8 +140,6 @@ def _run_separate(args: argparse.Namespace) -> int:
                 failures += 1
                 continue
         done += 1
-        for warning in caught:
-            print(f"stemsep: warning: {warning.message}", file=sys.stderr)
         for stem_path in paths.values():
             print(stem_path)
     if any(p.is_dir() for p in args.inputs):

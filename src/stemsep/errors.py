@@ -10,6 +10,9 @@ one front end's spelling of them.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 
 class StemsepError(Exception):
     """A problem with the user's input, files or environment, described in one sentence.
@@ -62,3 +65,15 @@ class ClippingWarning(UserWarning):
     def __init__(self, message: str, *, file: str | None = None):
         super().__init__(f"{file}: {message}" if file else message)
         self.message, self.file = message, file
+
+
+def report_warnings(write: Callable[[str], None]) -> None:
+    """From now on, hand each warning (but deprecations) to `write` as one line, "warning:
+    <message>", when it is raised and in the thread that raised it: every time, not once
+    per place as by default, so each song's clipping is reported, and warnings of the
+    background compiler (:mod:`stemsep.compilation`) too. For the edges (CLI, Cog runner),
+    which own their process's warning settings."""
+    warnings.simplefilter("always")
+    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.showwarning = lambda message, *args, **kwargs: write(f"warning: {message}")

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,23 +68,6 @@ def chunk_window(chunk: int, step: int, first: bool = False, last: bool = False)
     if last:
         window[chunk // 2 :] = 1.0
     return window
-
-
-# compiled code ---------------------------------------------------------------------------------
-
-
-def use_compile_cache() -> Path:
-    """Point torch.compile's caches (TorchInductor's and its FX graph cache, both under
-    $TORCHINDUCTOR_CACHE_DIR) at a folder that outlives the process, so that a second run on
-    the same machine reuses the compiled code: $STEMSEP_CACHE_DIR/inductor, by default under
-    the user's cache folder ($XDG_CACHE_HOME or ~/.cache, then stemsep/). Without
-    $STEMSEP_CACHE_DIR, a $TORCHINDUCTOR_CACHE_DIR already set is kept (torch sets its own,
-    under the temp folder, once anything asks for it). Returns the folder in use."""
-    root = os.environ.get("STEMSEP_CACHE_DIR")
-    if root or "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        root = root or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stemsep"
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(root) / "inductor")
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 # device and precision ------------------------------------------------------------------------
@@ -137,27 +118,31 @@ class BatchRunner:
     computes (the network itself waits for the GPU at points, e.g. torch.istft's window
     check, which would otherwise stall the caller); chunks go up from pinned memory. On the
     CPU, where the network already uses every core, a batch runs when it is submitted.
-    `compiled` is the network compiled for batches of exactly `compiled_shape` (batch,
-    channels, samples): batches of fewer chunks are padded with silent chunks to that shape,
-    so it never recompiles, and chunks of another length (a song shorter than one chunk) go
-    through the eager `model`. If CUDA runs out of memory, the batch is split in halves (and
-    later batches stay at the smaller size, eagerly) down to a single chunk before giving up.
+
+    :meth:`use_compiled` hands over a compiled network for batches of exactly `shape`
+    (batch, channels, samples), at any time (see :mod:`stemsep.compilation`): each batch
+    reads it once, so the swap happens between batches. Batches of fewer chunks are padded
+    with silent chunks to that shape, so it never recompiles, and chunks of another length
+    (a song shorter than one chunk) go through the eager `model`. If CUDA runs out of
+    memory, the batch is split in halves (and later batches stay at the smaller size,
+    eagerly) down to a single chunk before giving up. The views :meth:`with_tta` makes share
+    all of this with the runner.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        device: torch.device | str = "cpu",
-        autocast_dtype: torch.dtype | None = None,
-        compiled: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        compiled_shape: tuple[int, int, int] | None = None,
-    ):
+    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None):
         self.model, self.device = model, torch.device(device)
         self.autocast_dtype = autocast_dtype
-        self.compiled, self.compiled_shape = compiled, compiled_shape
-        self.max_batch: int | None = None  # lowered after an out-of-memory error
+        self._shared = _RunnerState()
         self.tta = False  # see with_tta
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="stemsep-gpu") if self.device.type == "cuda" else None
+
+    @property
+    def compiled(self) -> CompiledNetwork | None:
+        """The compiled network in use, if any."""
+        return self._shared.compiled
+
+    def use_compiled(self, network: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int, int]) -> None:
+        self._shared.compiled = CompiledNetwork(network, tuple(shape))
 
     def __call__(self, chunks: np.ndarray) -> torch.Tensor:  # (batch, channels, samples) -> (batch, stems, channels, samples), float32, CPU
         return self.submit(chunks).result()
@@ -170,7 +155,7 @@ class BatchRunner:
         return done
 
     def compute(self, chunks: np.ndarray) -> torch.Tensor:
-        limit = self.max_batch or len(chunks)
+        limit = self._shared.max_batch or len(chunks)
         if len(chunks) > limit:
             return torch.cat([self.compute(chunks[i : i + limit]) for i in range(0, len(chunks), limit)])
         try:
@@ -181,36 +166,55 @@ class BatchRunner:
                     "the GPU ran out of memory on a single chunk; free GPU memory or run on the CPU"
                 ) from None
             torch.cuda.empty_cache()
-            self.max_batch, self.compiled = len(chunks) // 2, None  # the compiled shape is the one that did not fit
-            warnings.warn(f"GPU out of memory: continuing with {self.max_batch} chunks per batch", stacklevel=2)
+            self._shared.max_batch, self._shared.compiled = len(chunks) // 2, None  # the compiled shape is the one that did not fit
+            warnings.warn(f"GPU out of memory: continuing with {len(chunks) // 2} chunks per batch", stacklevel=2)
             return self.compute(chunks)
 
     def _forward(self, chunks: np.ndarray) -> torch.Tensor:
         count = len(chunks)
         batch = torch.from_numpy(np.ascontiguousarray(chunks))  # (count, channels, samples)
-        model = self.model
-        if self.compiled is not None and self.compiled_shape[1:] == batch.shape[1:]:
-            model = self.compiled
-            if count < self.compiled_shape[0]:
-                batch = torch.cat([batch, batch.new_zeros(self.compiled_shape[0] - count, *batch.shape[1:])])
+        network, compiled = self.model, self._shared.compiled  # read once: a swap takes effect from the next batch
+        if compiled is not None and compiled.shape[1:] == batch.shape[1:]:
+            network = compiled.network
+            if count < compiled.shape[0]:
+                batch = torch.cat([batch, batch.new_zeros(compiled.shape[0] - count, *batch.shape[1:])])
+        return self.apply(network, batch)[:count]
+
+    def apply(self, network: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+        """`network` (the eager model or a compiled one) on `batch` (batch, channels, samples),
+        on this runner's device and precision: (batch, stems, channels, samples), float32, CPU."""
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with torch.inference_mode(), amp:
             batch = batch.to(self.device, non_blocking=True)
-            estimate = model(batch).float()  # (batch, stems, channels, samples)
+            estimate = network(batch).float()  # (batch, stems, channels, samples)
             if self.tta:
-                estimate = augmented_mean(model, batch, estimate)
-        return estimate[:count].cpu()
+                estimate = augmented_mean(network, batch, estimate)
+        return estimate.cpu()
 
     def with_tta(self, tta: bool = True) -> BatchRunner:
-        """This runner (same network, worker and compiled shape), averaging over the
-        test-time augmentations of :func:`augmented_mean` when `tta` is true."""
+        """A view of this runner (same network, worker, compiled network and batch limit),
+        averaging over the test-time augmentations of :func:`augmented_mean` when `tta` is true."""
         if tta == self.tta:
             return self
         other = copy.copy(self)
         other.tta = tta
         return other
+
+
+@dataclass(frozen=True)
+class CompiledNetwork:
+    network: Callable[[torch.Tensor], torch.Tensor]
+    shape: tuple[int, int, int]  # the one batch shape it takes: (batch, channels, samples)
+
+
+@dataclass
+class _RunnerState:
+    """What a runner shares with its :meth:`BatchRunner.with_tta` views."""
+
+    compiled: CompiledNetwork | None = None
+    max_batch: int | None = None  # lowered after an out-of-memory error
 
 
 def augmented_mean(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 
 from stemsep import audio, catalogue
 from stemsep.checkpoint import Config, load_config, load_model
+from stemsep.compilation import BackgroundCompile, use_compile_cache
 from stemsep.compressed import COMPRESSED_FORMATS, encode_settings
 from stemsep.errors import (
     AudioDecodeError,
@@ -38,7 +39,6 @@ from stemsep.inference import (
     resolve_precision,
     separate_song,
     take,
-    use_compile_cache,
 )
 from stemsep.stems import StemLayout, stem_layout, stem_samples
 
@@ -179,9 +179,12 @@ class Separator(_Separation):
     `checkpoint`/`config` take any other model's files instead. `batch_size` chunks go through the network per
     forward pass (default: the config's on CPU, chosen from free memory on a GPU).
     `precision` is "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16" or "fp16": autocast for
-    the transformers; STFT, iSTFT and the mask multiply stay fp32. `compile=True` runs the
-    network through `torch.compile` (compiled and warmed up here, falling back to eager with a
-    warning if compilation fails). `stems` names what a separation gives, in order.
+    the transformers; STFT, iSTFT and the mask multiply stay fp32. `compile=True` compiles
+    the network with `torch.compile` in the background (:mod:`stemsep.compilation`):
+    separations start at once, eagerly, and the compiled network takes over between two
+    batches once it is built and checked against eager (:attr:`compiled` says when;
+    :meth:`wait_for_compile` waits); a failure gives one warning and eager stays. `stems`
+    names what a separation gives, in order.
     """
 
     def __init__(
@@ -212,21 +215,18 @@ class Separator(_Separation):
         if self.batch_size < 1:
             raise StemsepError(f"batch size must be at least 1, got {self.batch_size}")
         self.runner = BatchRunner(self.model, self.device, PRECISIONS[self.precision])
-        self.compiled = compile and self._compile()
+        shape = (self.batch_size, self.channels, cfg.audio.chunk_size)
+        self.compilation = BackgroundCompile(self.runner, shape, self.precision) if compile else None
 
-    def _compile(self) -> bool:
-        """torch.compile for one fixed batch shape, warmed up now so the first song pays nothing.
-        True if it compiled; False, with a warning, if it fell back to eager."""
-        shape = (self.batch_size, self.channels, self.config.audio.chunk_size)
-        compiled = BatchRunner(self.model, self.device, PRECISIONS[self.precision],
-                               compiled=torch.compile(self.model, dynamic=False), compiled_shape=shape)
-        try:
-            compiled(np.zeros(shape, np.float32))
-        except Exception as exc:  # any compiler failure: eager is always correct
-            warnings.warn(f"torch.compile failed, running eagerly: {first_line(exc)}", stacklevel=3)
-            return False
-        self.runner = compiled
-        return True
+    @property
+    def compiled(self) -> bool:
+        """Whether separations now run the compiled network (see `compile`)."""
+        return self.runner.compiled is not None
+
+    def wait_for_compile(self, timeout: float | None = None) -> bool:
+        """Wait until the background compilation has ended, at most `timeout` seconds (None:
+        no limit); True if the compiled network is in use. False at once without `compile`."""
+        return self.compilation is not None and self.compilation.wait(timeout)
 
     @property
     def sample_rate(self) -> int:
