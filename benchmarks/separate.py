@@ -142,7 +142,9 @@ def input_file(seconds: float, seed: int) -> Path:
 
 def model_files(preset: str) -> tuple[Path, Path]:
     """Random weights (seed 0) under the 1297 names, rewritten each run (deterministic)."""
-    from stemsep.reference import CHECKPOINT_NAME  # the file name audio-separator looks for
+    from stemsep.reference import (
+        CHECKPOINT_NAME,  # the file name audio-separator looks for
+    )
     from stemsep.testing import config_dict, make_model_files
 
     base = base_config(preset)
@@ -196,6 +198,8 @@ def worker(args: argparse.Namespace) -> None:
         if args.batch_size:
             options["batch_size"] = args.batch_size
         separator = Separator(args.checkpoint, args.config, device=args.device, compile=args.compile, **options)
+        if args.compile and not separator.wait_for_compile():  # steady state: timed once the compiled network is in use
+            raise SystemExit(f"compiling failed ({separator.compilation.state})")
     else:
         separator = AudioSeparator(
             log_level=logging.WARNING, model_file_dir=args.model_dir, output_dir=str(out_dir), output_format="WAV",
@@ -479,7 +483,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                         help="stemsep's precision (default: its own, auto = bf16 on GPU, fp32 on CPU); audio-separator runs fp32")
     parser.add_argument("--batch-size", type=int, help="stemsep's chunks per forward pass (default: its own)")
-    parser.add_argument("--compile", action="store_true", help="stemsep with torch.compile (compiled in its load time)")
+    parser.add_argument("--compile", action="store_true", help="stemsep with torch.compile (compiled in its load time: the separation waits for it)")
     parser.add_argument("--audio-separator-writer", choices=["pydub", "soundfile"], default="pydub",
                         help="audio-separator's WAV writer: its default pydub (calls ffmpeg) or its use_soundfile option")
     parser.add_argument("--wait-idle", type=float, metavar="CORES",

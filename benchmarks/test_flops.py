@@ -11,7 +11,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from stemsep.checkpoint import build_model, load_config
 from stemsep.testing import CONFIG_1297, CONFIG_KIM_MEL_BAND, config_dict, write_config
 
-
 SMALL = {"dim": 64, "depth": 2, "heads": 4, "dim_head": 16, "time_transformer_depth": 2}
 
 
