@@ -10,11 +10,12 @@ budget (`--budget-s`) could not hold it:
 
 1. cold start of the Replicate runner: the real Cog server (tests/cogserver.py, coglet) on
    predict.py with the weights laid out as the image's /weights ($STEMSEP_WEIGHTS_DIR),
-   compiling as the image does on a GPU: process start -> READY (setup() compiles the
-   network for its batch shape and warms it up, so READY means the compiled network is in
-   use), then two sync predictions of a short song passed by URL: process start -> first
-   result is the cold start a caller sees. TorchInductor's and Triton's caches start empty
-   (a fresh folder per run), as in a new container. Later stages reuse them.
+   compiling as the image does on a GPU: process start -> READY (setup() loads and warms up
+   the eager network; the compiled one builds in the background), a sync prediction of a
+   short song passed by URL sent at once (process start -> first result is the cold start a
+   caller sees), then predictions one after another until one runs compiled (process start
+   -> compiled network in use). TorchInductor's and Triton's caches start empty (a fresh
+   folder per run), as in a new container. Later stages reuse them.
 2. the 5-minute song end to end, overlap 4: audio-separator 0.47.1 (fp32, batch 1), stemsep
    eager and stemsep compiled (the runner's defaults otherwise: bf16 autocast, its batch
    size), each in its own fresh process through separate.py's worker; wall time of the
@@ -24,9 +25,13 @@ budget (`--budget-s`) could not hold it:
 3. the network alone, in this process: seconds per chunk for stemsep in fp32 and bf16,
    eager and compiled, at the runner's batch size on the song's first chunks; TFLOP/s, MFU
    against the datasheet peak and against a bf16 matrix product measured here; peak GPU
-   memory of each; SNR of bf16 (eager and compiled) against fp32, for the network's output
+   memory of each (compiled both regionally, as the runner does, and whole, each with its
+   compile time); SNR of bf16 (eager and compiled) against fp32, for the network's output
    and for the vocals of the whole pipeline (stemsep fp32 vs bf16 on a 30-s excerpt).
 4. the cold start without compiling (STEMSEP_COMPILE=0), for the compile's share.
+5. two predictions in flight against one (benchmarks/concurrency.py): songs per hour and
+   latency of sync predictions of the short song, and whether that clears the adoption
+   rule (+20% songs per hour, median latency at most 10% worse).
 
 Writes benchmarks/results/gpu_<device>.json and .md (<device> from the GPU's name, e.g.
 `nvidia_h200`; `cpu_smoke` for --smoke). Scratch files go to benchmarks/work/gpu_suite/.
@@ -49,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import importlib.util
 import json
 import math
@@ -60,9 +64,7 @@ import resource
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -83,17 +85,17 @@ CONFIG_NAME = "model_bs_roformer_ep_317_sdr_12.9755.yaml"
 
 PROFILES = {
     "full": SimpleNamespace(device="cuda", network={}, chunk_size=None, song_s=300.0, short_s=30.0, overlap=4, reps=3,
-                            threads=os.cpu_count(), budget_s=450.0),
+                            threads=os.cpu_count(), budget_s=450.0, concurrency_songs=8),
     # the tests' tiny network (stemsep.testing.TINY_MODEL) on 2-s chunks of the 1297 STFT and bands
     # and one CPU thread per process: on a shared machine, torch's threads waiting for each
     # other's cores make a tiny forward pass 50x slower
     "smoke": SimpleNamespace(device="cpu", network={"dim": 16, "depth": 1, "dim_head": 8, "heads": 2}, chunk_size=88200,
-                             song_s=8.0, short_s=3.0, overlap=2, reps=1, threads=1, budget_s=110.0),
+                             song_s=8.0, short_s=3.0, overlap=2, reps=1, threads=1, budget_s=110.0, concurrency_songs=2),
 }
 # Rough seconds each stage takes on an H100/H200 (compile included where cold), used to skip
 # a stage that the remaining budget cannot hold rather than overrun the machine's lease.
 STAGE_ESTIMATE_S = {"cold_start": 150, "audio-separator": 90, "stemsep eager": 40, "stemsep compiled": 120,
-                    "network": 40, "network compiled": 80, "cold_start_eager": 40}
+                    "network": 40, "network compiled": 110, "cold_start_eager": 40, "concurrency": 90}
 NEEDED = ["torch", "numpy", "scipy", "soundfile", "yaml", "einops", "av", "soxr", "cog", "coglet", "audio_separator",
           "librosa", "pydub", "onnx2torch", "onnxruntime", "stemsep"]
 
@@ -158,15 +160,6 @@ def song(seconds: float) -> Path:
     return path
 
 
-def serve_folder(folder: Path) -> tuple[str, ThreadingHTTPServer]:
-    """Input files over HTTP, as Replicate passes a file: (base URL, server)."""
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}", server
-
-
 # ---------------------------------------------------------------------------------------------
 # stage 1 and 4: the Cog server's cold start
 
@@ -198,6 +191,7 @@ def runner_setup_line(*logs: str) -> str:
 
 def cold_start(weights: Path, short: Path, compile: bool, device: str, budget: Budget) -> dict:
     from cogserver import start_server
+    from concurrency import serve_folder
 
     base_url, files = serve_folder(short.parent)
     env = {"STEMSEP_WEIGHTS_DIR": str(weights), "STEMSEP_WORK_DIR": str(WORK / "runner"),
@@ -218,25 +212,42 @@ def cold_start(weights: Path, short: Path, compile: bool, device: str, budget: B
             raise RuntimeError(f"setup failed:\n{server.logs()[-3000:]}")
         numbers = [float(x) for x in re.findall(r"in (\d+(?:\.\d+)?) s", line)]
         if len(numbers) >= 2:
-            result["runner_load_and_compile_s"], result["runner_warm_up_s"] = numbers[:2]
-        result["runner_compiled"] = " compiled" in line
+            result["runner_load_s"], result["runner_warm_up_s"] = numbers[:2]
+        result["runner_network_at_ready"] = line.rsplit("network ", 1)[-1] if "network " in line else None
         payload = {"input": {"audio": f"{base_url}/{short.name}"}}
-        for label in ("first", "second"):
+
+        def predict(label: str) -> str:
+            """One sync prediction of the short song; returns the network its logs name."""
             t = time.perf_counter()
             answer = server.predict(payload, timeout=max(30.0, budget.left())).json()
             wall = time.perf_counter() - t
             if answer.get("status") != "succeeded":
                 raise RuntimeError(f"{label} prediction {answer.get('status')}: {answer.get('error')}\n{server.logs()[-3000:]}")
+            network = re.search(r"network (\w+)", answer.get("logs") or "")
             result[f"{label}_prediction_wall_s"] = wall
             result[f"{label}_prediction_predict_time_s"] = (answer.get("metrics") or {}).get("predict_time")
-            if label == "first":
-                result["start_to_first_result_s"] = time.perf_counter() - started
+            result[f"{label}_prediction_network"] = network.group(1) if network else None
+            return result[f"{label}_prediction_network"]
+
+        predict("first")
+        result["start_to_first_result_s"] = time.perf_counter() - started
+        # The network compiles in the background: predictions until one runs compiled (the
+        # swap), then one more, entirely compiled.
+        while compile and predict("polling") != "compiled":
+            if budget.left() < 30:
+                raise RuntimeError("the compiled network did not take over within the budget")
+            time.sleep(1)
+        if compile:
+            result["start_to_compiled_in_use_s"] = time.perf_counter() - started
+        predict("second")
         result["gpu_memory_used_while_serving_mb"] = gpu_memory_used_mb() if device == "cuda" else None
     finally:
         server.stop()
         files.shutdown()
     log(f"cold start ({'compiled' if compile else 'eager'}): READY after {result['start_to_ready_s']:.1f} s, "
-        f"first result after {result['start_to_first_result_s']:.1f} s ({result['runner_setup_line']})")
+        f"first result after {result['start_to_first_result_s']:.1f} s"
+        + (f", compiled network in use after {result['start_to_compiled_in_use_s']:.1f} s" if compile else "")
+        + f" ({result['runner_setup_line']})")
     return result
 
 
@@ -318,6 +329,7 @@ def network_alone(files: dict, source: Path, profile, budget: Budget, skipped: d
     import torch
     from model_forward import matmul_tflops, output, snr_db, timed
 
+    from stemsep.compilation import compile_regions, compile_whole
     from stemsep.separator import Separator
 
     datasheet_peak_tflops, flops_per_chunk = _flops()
@@ -356,13 +368,19 @@ def network_alone(files: dict, source: Path, profile, budget: Budget, skipped: d
     reference = output(model, x, device)  # fp32
     measure("bf16 eager", model, torch.bfloat16, "bf16")
     result["snr_bf16_vs_fp32_db"] = snr_db(reference, output(model, x, device, torch.bfloat16))
-    if budget.allows("network compiled", skipped):
-        compiled = torch.compile(model, dynamic=False)
+    # What the runner compiles (regional: each block class once) and the whole network as one
+    # graph, each timed from empty compiler caches of its own.
+    for mode, build in (("regional", compile_regions), ("whole", compile_whole)):
+        if not budget.allows("network compiled", skipped):
+            break
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(WORK / "compile_cache" / f"network_{mode}" / "inductor")
+        os.environ["TRITON_CACHE_DIR"] = str(WORK / "compile_cache" / f"network_{mode}" / "triton")
+        compiled = build(model)
         t = time.perf_counter()
         compiled_out = output(compiled, x, device, torch.bfloat16)  # compiles for this shape
-        result["compile_s"] = time.perf_counter() - t
-        result["snr_bf16_compiled_vs_fp32_db"] = snr_db(reference, compiled_out)
-        measure("bf16 compiled", compiled, torch.bfloat16, "bf16")
+        result[f"compile_{mode}_s"] = time.perf_counter() - t
+        result[f"snr_bf16_compiled_{mode}_vs_fp32_db"] = snr_db(reference, compiled_out)
+        measure(f"bf16 compiled {mode}", compiled, torch.bfloat16, "bf16")
         del compiled, compiled_out
     if cuda:
         result["matmul_bf16_tflops_measured"] = matmul_tflops(device)
@@ -386,7 +404,8 @@ def network_alone(files: dict, source: Path, profile, budget: Budget, skipped: d
     result["pipeline_excerpt_s"] = excerpt_s
     result["pipeline_vocals_snr_bf16_vs_fp32_db"] = snr_db(vocals["fp32"], vocals["bf16"])
     log(f"SNR against fp32: network bf16 {result['snr_bf16_vs_fp32_db']:.1f} dB"
-        + (f", compiled {result['snr_bf16_compiled_vs_fp32_db']:.1f} dB" if "snr_bf16_compiled_vs_fp32_db" in result else "")
+        + "".join(f", compiled {mode} {result[f'snr_bf16_compiled_{mode}_vs_fp32_db']:.1f} dB" for mode in ("regional", "whole")
+                  if f"snr_bf16_compiled_{mode}_vs_fp32_db" in result)
         + f"; vocals of the pipeline {result['pipeline_vocals_snr_bf16_vs_fp32_db']:.1f} dB")
     return result
 
@@ -447,16 +466,19 @@ def markdown(results: dict) -> str:
         lines += ["**Smoke run**: tiny network on the CPU with torch.compile switched off; the numbers check the "
                   "suite, they measure nothing.", ""]
     lines += ["## Cold start of the Cog runner", "",
-              "setup() compiles the network for its batch shape and runs it once before the server reports READY, "
-              "so READY is when the compiled network is in use; the first result adds the first prediction of a "
-              f"{profile['short_s']:g}-s song passed by URL.", "",
-              "| | start -> READY | start -> first result | first / second prediction (short song) | runner's own setup line |",
-              "|---|---:|---:|---:|---|"]
+              "setup() loads the weights and warms the eager network up; with compiling on, the network compiles in "
+              "the background and takes over between two batches once checked. The first result is the first "
+              f"prediction of a {profile['short_s']:g}-s song passed by URL, sent at READY; the compiled network is in "
+              "use from the first prediction whose logs say so (predictions sent one after another until then).", "",
+              "| | start -> READY | start -> first result (its network) | start -> compiled network in use "
+              "| first / last prediction (short song) | runner's own setup line |",
+              "|---|---:|---:|---:|---:|---|"]
     for key in ("cold_start", "cold_start_eager"):
         c = results.get(key)
         if isinstance(c, dict):
             lines.append(f"| {'compiled' if c['compile'] else 'eager'} | {_fmt(c.get('start_to_ready_s'), '.1f', ' s')} "
-                         f"| {_fmt(c.get('start_to_first_result_s'), '.1f', ' s')} "
+                         f"| {_fmt(c.get('start_to_first_result_s'), '.1f', ' s')} ({c.get('first_prediction_network')}) "
+                         f"| {_fmt(c.get('start_to_compiled_in_use_s'), '.1f', ' s')} "
                          f"| {_fmt(c.get('first_prediction_wall_s'), '.2f', ' s')} / {_fmt(c.get('second_prediction_wall_s'), '.2f', ' s')} "
                          f"| {c.get('runner_setup_line', '')} |")
     e2e = results.get("end_to_end") or {}
@@ -486,12 +508,24 @@ def markdown(results: dict) -> str:
             lines.append(f"| {row['run']} | {row['seconds_per_chunk']:.4f} | {row['tflops']:.1f} | {mfu} | {frac} "
                          f"| {_fmt(row.get('peak_gpu_allocated_mb'), '.0f', ' MB')} |")
         lines += ["", f"bf16 against fp32: network output {net['snr_bf16_vs_fp32_db']:.1f} dB SNR"
-                  + (f" (compiled {net['snr_bf16_compiled_vs_fp32_db']:.1f} dB)" if "snr_bf16_compiled_vs_fp32_db" in net else "")
+                  + "".join(f" (compiled {mode} {net[f'snr_bf16_compiled_{mode}_vs_fp32_db']:.1f} dB)" for mode in ("regional", "whole")
+                            if f"snr_bf16_compiled_{mode}_vs_fp32_db" in net)
                   + f"; vocals of the whole pipeline on an excerpt of {net['pipeline_excerpt_s']:g} s "
                   f"{net['pipeline_vocals_snr_bf16_vs_fp32_db']:.1f} dB."
-                  + (f" Compiling for this shape took {net['compile_s']:.1f} s (compiler caches warm from stage 1)."
-                     if "compile_s" in net and not results["smoke"] else "")
+                  + "".join(f" Compiling {mode} for this shape took {net[f'compile_{mode}_s']:.1f} s (empty caches)."
+                            for mode in ("regional", "whole") if f"compile_{mode}_s" in net and not results["smoke"])
                   + (f" A bf16 8192-cube matrix product runs at {net['matmul_bf16_tflops_measured']:.0f} TFLOP/s here." if net.get("matmul_bf16_tflops_measured") else "")]
+    conc = results.get("concurrency")
+    if isinstance(conc, dict):
+        lines += ["", "## Two predictions in flight (COG_MAX_CONCURRENCY=2) against one", "",
+                  f"The short song by URL, {conc['one']['songs']} sync predictions from as many clients as the server "
+                  "runs at once, eager network.", "",
+                  "| in flight | songs per hour | latency median | latency max |", "|---:|---:|---:|---:|"]
+        for key in ("one", "two"):
+            r = conc[key]
+            lines.append(f"| {r['concurrency']} | {r['songs_per_hour']:.0f} | {r['latency_median_s']:.2f} s | {r['latency_max_s']:.2f} s |")
+        lines += ["", f"Throughput {100 * conc['throughput_gain']:+.0f}%, median latency {100 * conc['latency_change']:+.0f}%: "
+                  + ("adopt (at least +20% with latency no more than 10% worse)." if conc["adopt"] else "do not adopt (the rule: at least +20% songs per hour with median latency no more than 10% worse).")]
     if results["skipped"]:
         lines += ["", "Skipped or failed: " + "; ".join(f"{k}: {v}" for k, v in results["skipped"].items())]
     return "\n".join(lines) + "\n"
@@ -563,6 +597,7 @@ def main() -> None:
         ("end_to_end", lambda: end_to_end(files, source, profile, budget, skipped)),
         ("network", lambda: network_alone(files, source, profile, budget, skipped)),
         ("cold_start_eager", lambda: cold_start(files["weights_dir"], short, False, profile.device, budget)),
+        ("concurrency", lambda: __import__("concurrency").compare(files["weights_dir"], short, profile.concurrency_songs, profile.device)),
     ]
     for name, stage in stages:
         if name in STAGE_ESTIMATE_S and not budget.allows(name, skipped):  # end_to_end checks per process
