@@ -259,7 +259,7 @@ class Runner(BaseRunner):
         clear_worker_temp_dir(self.tmp)  # what a previous worker left
         self.reference: ReferenceEngine | None = None
         # predictions in flight (output folder -> input file) and the folder of the last to
-        # return, whose files Cog may still be reading when the next starts (see _clean_up)
+        # return, whose files Cog may still be reading when the next starts (see _starting)
         self.lock = threading.Lock()
         self.in_flight: dict[FilePath, FilePath] = {}
         self.last_returned: FilePath | None = None
@@ -297,19 +297,19 @@ class Runner(BaseRunner):
             await asyncio.wait([work])
             raise
 
-    def _prediction(self, canceled: threading.Event, audio, model, stems, output_format, bit_depth, bitrate, overlap, tta,
-                engine) -> list[Path]:
+    def _prediction(self, canceled: threading.Event, audio, model, stems, output_format, bit_depth, bitrate, overlap,
+                    tta, engine) -> list[Path]:
         """One prediction, in its own thread: the inputs as a library call."""
         output_dir = FilePath(tempfile.mkdtemp(prefix="prediction-", dir=self.root))
-        self._clean_up(start=(output_dir, FilePath(audio)))
+        self._starting(output_dir, FilePath(audio))
         name = output_name(audio)
+        report = _progress_printer()
 
         def progress(done: int, total: int) -> None:
             if canceled.is_set():
                 raise PredictionCanceled
             report(done, total)
 
-        report = _progress_printer()
         try:
             audio = named_input(FilePath(audio), output_dir / "input", name)
             chosen = [s.strip() for s in stems.split(",") if s.strip()] if stems else None
@@ -340,7 +340,7 @@ class Runner(BaseRunner):
                 raise StemsepError(str(exc)) from None  # one line in the prediction's error, no traceback
             raise
         finally:
-            self._clean_up(end=output_dir)
+            self._ended(output_dir)
         return [Path(path) for path in paths.values()]
 
     def _separator(self, name: str) -> Separator:
@@ -368,28 +368,30 @@ class Runner(BaseRunner):
                 self.reference = ReferenceEngine(self.checkpoint, self.separator.config, self.root)
             return self.reference
 
-    def _clean_up(self, start: tuple[FilePath, FilePath] | None = None, end: FilePath | None = None) -> None:
-        """Book a prediction in (`start`: its output folder and input) or out (`end`), and
-        remove what no prediction needs any more: the output folders of predictions that
-        have returned (Cog has read their files: it frees a prediction's slot only once its
-        outputs are read and uploaded) and the worker's stray temp files. With more than one
-        prediction at once, a prediction can start while the one that returned last is
-        still being read, so that one's folder is kept until the next, and temp files are
-        left alone until SETTLE_S after their last change (a download for a prediction yet
-        to start); the inputs of predictions in flight always stay."""
+    def _starting(self, output_dir: FilePath, audio: FilePath) -> None:
+        """Book a prediction in, and remove what no prediction needs any more: the output
+        folders of predictions that have returned (Cog has read their files: it frees a
+        prediction's slot only once its outputs are read and uploaded) and the worker's
+        stray temp files. With more than one prediction at once, one can start while the
+        prediction that returned last is still being read, so that one's folder is kept
+        until the next start, and temp files are left alone until SETTLE_S after their last
+        change (a download for a prediction yet to start); the inputs of predictions in
+        flight always stay."""
         with self.lock:
-            if end is not None:
-                self.in_flight.pop(end, None)
-                self.last_returned = end if end.exists() else self.last_returned
-                return
-            folder, audio = start
-            self.in_flight[folder] = audio
+            self.in_flight[output_dir] = audio
             concurrent = max_concurrency() > 1
             keep = set(self.in_flight) | ({self.last_returned} if concurrent and self.last_returned else set())
             for old in self.root.glob("prediction-*"):
                 if old not in keep:
                     shutil.rmtree(old, ignore_errors=True)
             clear_worker_temp_dir(self.tmp, keep=self.in_flight.values(), settle_s=SETTLE_S if concurrent else 0.0)
+
+    def _ended(self, output_dir: FilePath) -> None:
+        """Book a prediction out; its folder, if it succeeded, is the one Cog reads next."""
+        with self.lock:
+            del self.in_flight[output_dir]
+            if output_dir.exists():
+                self.last_returned = output_dir
 
 
 def _progress_printer():
