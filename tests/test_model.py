@@ -1,7 +1,6 @@
 """Our networks against audio-separator's BSRoformer and MelBandRoformer (the classes the
 published checkpoints run in), on the same weights; and 1297's output pinned bit for bit."""
 
-import hashlib
 import inspect
 import math
 import warnings
@@ -100,16 +99,17 @@ def seeded_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 
 # Recorded before MelBand-RoFormer and multi-stem output were added (x86-64, torch 2.13.0
-# CPU, 1 and 2 threads alike); the same samples at 8 evenly spaced positions, to 1e-6.
-GOLDEN_1297_SHA256 = "1a71c3342a39a9b52aec900f869d99c7351a54c0215bc9210902732072b30f5b"
+# CPU, 1 and 2 threads alike): the vocals at 8 evenly spaced positions and their RMS. An
+# exact hash of the output held on the CPU it was recorded on but not on another x86-64
+# model (AVX-512 kernels round differently: 2e-7 apart), so the check is to 1e-6.
 GOLDEN_1297_SAMPLES = [0.038960810750722885, -0.01918417029082775, -0.16393740475177765, -0.12935929000377655,
                        -0.06460165232419968, 0.01982124149799347, -0.23652537167072296, 0.02218225970864296]
+GOLDEN_1297_RMS = 0.1356758461610553
 
 
 @pytest.mark.slow
-def test_1297_output_is_bit_identical_to_the_recorded_one():
-    """Full 1297 shapes, seeded weights, 0.3 s of seeded noise: output[:, 0] hashes as recorded.
-    (A different CPU's kernels may round differently: then only the hash fails, not the samples.)"""
+def test_1297_output_matches_the_recorded_one():
+    """Full 1297 shapes, seeded weights, 0.3 s of seeded noise: the vocals as recorded, to 1e-6."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -121,10 +121,10 @@ def test_1297_output_is_bit_identical_to_the_recorded_one():
     finally:
         torch.set_num_threads(threads)
     assert out.shape == (1, 1, 2, 13230)
-    vocals = out[:, 0].contiguous()
+    vocals = out[:, 0].double()
     positions = torch.linspace(0, vocals.numel() - 1, 8).long()
     assert vocals.flatten()[positions].tolist() == pytest.approx(GOLDEN_1297_SAMPLES, abs=1e-6)
-    assert hashlib.sha256(vocals.numpy().tobytes()).hexdigest() == GOLDEN_1297_SHA256
+    assert float(vocals.pow(2).mean().sqrt()) == pytest.approx(GOLDEN_1297_RMS, rel=1e-6)
 
 
 # layouts -------------------------------------------------------------------------------------
