@@ -75,7 +75,7 @@ def model_files(name: str = catalogue.DEFAULT) -> tuple[FilePath, FilePath]:
 
 
 def work_root() -> FilePath:
-    root = FilePath(os.environ.get("STEMSEP_WORK_DIR") or FilePath(tempfile.gettempdir()) / "stemsep")
+    root = FilePath(os.environ.get("STEMSEP_WORK_DIR") or FilePath(tempfile.gettempdir()) / "stemsep").absolute()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -136,9 +136,10 @@ def max_concurrency() -> int:
         return 1
 
 
-# Under concurrency, how long a temp file must have been left alone before a prediction
-# clears it: Cog downloads a prediction's input before its run() starts, and a download that
-# stalls fails after Cog's 10-s read timeout.
+# Under concurrency, or while a network compiles, how long a temp file must have been left
+# alone before a prediction clears it: Cog downloads a prediction's input before its run()
+# starts (a download that stalls fails after Cog's 10-s read timeout), and the compiler
+# writes and removes its temp files within seconds.
 SETTLE_S = 60.0
 
 
@@ -301,7 +302,6 @@ class Runner(BaseRunner):
                     tta, engine) -> list[Path]:
         """One prediction, in its own thread: the inputs as a library call."""
         output_dir = FilePath(tempfile.mkdtemp(prefix="prediction-", dir=self.root))
-        self._starting(output_dir, FilePath(audio))
         name = output_name(audio)
         report = _progress_printer()
 
@@ -311,6 +311,7 @@ class Runner(BaseRunner):
             report(done, total)
 
         try:
+            self._starting(output_dir, FilePath(audio))
             audio = named_input(FilePath(audio), output_dir / "input", name)
             chosen = [s.strip() for s in stems.split(",") if s.strip()] if stems else None
             if engine == "audio-separator":
@@ -375,8 +376,9 @@ class Runner(BaseRunner):
         stray temp files. With more than one prediction at once, one can start while the
         prediction that returned last is still being read, so that one's folder is kept
         until the next start, and temp files are left alone until SETTLE_S after their last
-        change (a download for a prediction yet to start); the inputs of predictions in
-        flight always stay."""
+        change (a download for a prediction yet to start); so they are while a network
+        compiles in the background (the compiler's own temp files). The inputs of
+        predictions in flight always stay."""
         with self.lock:
             self.in_flight[output_dir] = audio
             concurrent = max_concurrency() > 1
@@ -384,12 +386,14 @@ class Runner(BaseRunner):
             for old in self.root.glob("prediction-*"):
                 if old not in keep:
                     shutil.rmtree(old, ignore_errors=True)
-            clear_worker_temp_dir(self.tmp, keep=self.in_flight.values(), settle_s=SETTLE_S if concurrent else 0.0)
+            compiling = any(sep.compilation is not None and sep.compilation.state == "compiling" for sep in self.loaded.values())
+            settle = concurrent or compiling  # the compiler writes temp files too (Triton's, in the same folder)
+            clear_worker_temp_dir(self.tmp, keep=self.in_flight.values(), settle_s=SETTLE_S if settle else 0.0)
 
     def _ended(self, output_dir: FilePath) -> None:
         """Book a prediction out; its folder, if it succeeded, is the one Cog reads next."""
         with self.lock:
-            del self.in_flight[output_dir]
+            self.in_flight.pop(output_dir, None)
             if output_dir.exists():
                 self.last_returned = output_dir
 

@@ -223,7 +223,7 @@ def cold_start(weights: Path, short: Path, compile: bool, device: str, budget: B
             wall = time.perf_counter() - t
             if answer.get("status") != "succeeded":
                 raise RuntimeError(f"{label} prediction {answer.get('status')}: {answer.get('error')}\n{server.logs()[-3000:]}")
-            network = re.search(r"network (\w+)", answer.get("logs") or "")
+            network = re.search(r"network (eager \(compiling failed\)|\w+)", answer.get("logs") or "")
             result[f"{label}_prediction_wall_s"] = wall
             result[f"{label}_prediction_predict_time_s"] = (answer.get("metrics") or {}).get("predict_time")
             result[f"{label}_prediction_network"] = network.group(1) if network else None
@@ -233,7 +233,9 @@ def cold_start(weights: Path, short: Path, compile: bool, device: str, budget: B
         result["start_to_first_result_s"] = time.perf_counter() - started
         # The network compiles in the background: predictions until one runs compiled (the
         # swap), then one more, entirely compiled.
-        while compile and predict("polling") != "compiled":
+        while compile and (network := predict("polling")) != "compiled":
+            if "failed" in (network or ""):
+                raise RuntimeError(f"compiling failed:\n{server.logs()[-3000:]}")
             if budget.left() < 30:
                 raise RuntimeError("the compiled network did not take over within the budget")
             time.sleep(1)

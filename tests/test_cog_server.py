@@ -759,9 +759,12 @@ def test_setup_never_waits_for_the_compiler_and_the_compiled_network_takes_over(
         ready_s = time.monotonic() - started
         assert server.health()["status"] == "READY"
         assert "network eager (compiling in the background)" in server.logs()  # setup's last line
+        compilers_temp = tmp_path / "work" / predict.WORKER_TMP / "tmpab12cd34"  # a compiler's TemporaryDirectory
+        compilers_temp.mkdir()
         first = server.predict(request).json()
         assert first["status"] == "succeeded", first.get("error")
         assert "network eager (compiling in the background)" in first["logs"]
+        assert compilers_temp.exists()  # fresh temp files stay while a network compiles
         eager = [decode_data_url(url)[0] for url in first["output"]]
         assert eager[0].shape == eager[1].shape == x.shape
         assert np.abs(eager[0] + eager[1] - x).max() < 1e-6  # vocals + instrumental = the mix

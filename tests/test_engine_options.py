@@ -86,6 +86,32 @@ def test_a_compiled_network_that_disagrees_with_eager_is_not_used(files, referen
     assert np.abs(separator.separate_array(mix, 44100)["vocals"] - fp32).max() < 1e-6
 
 
+@pytest.mark.slow
+def test_regional_compilation_has_room_for_the_regions_of_several_networks(tmp_path, monkeypatch):
+    """Dynamo keeps a function's compiled variants (a transformer's: one per input shape,
+    across networks) up to its recompile limit and runs the rest eagerly without a word, so
+    a second network would pass the check against eager yet not be compiled. With the limit
+    at 2, the first network's time and frequency transformers fill it; compile_regions
+    raises it, so the second network's four regions compile too."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from stemsep.checkpoint import load_model
+    from stemsep.testing import FAST_MODEL, config_dict
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    torch._dynamo.reset()
+    x = compilation.check_batch((2, 2, 4096))
+    for dim in (16, 24):
+        config = config_dict(model={**FAST_MODEL, "dim": dim}, audio={"chunk_size": 4096}, inference=FAST_CONFIG["inference"])
+        model = load_model(*make_model_files(tmp_path / f"dim{dim}", config))
+        network = compilation.compile_regions(model)
+        before = counters["stats"]["unique_graphs"]
+        with torch.inference_mode():
+            assert compilation.snr_db(model(x), network(x)) > TOLERANCE_DB["fp32"]
+        assert counters["stats"]["unique_graphs"] - before == 4  # time and frequency transformers, band split, mask estimator
+
+
 class Recorder(torch.nn.Module):
     """The identity times `gain`, remembering the shape of every batch it was given."""
 
@@ -143,6 +169,20 @@ def test_out_of_memory_halves_the_batch_and_finishes():
         out = separate_chunks(BatchRunner(model), signal, chunk=256, overlap=4, batch_size=8)
     np.testing.assert_allclose(out[:, 0], 0.5 * signal, atol=1e-6)
     assert model.batches[:3] == [8, 4, 2] and max(model.batches[3:]) <= 2  # later batches stay small
+
+
+def test_out_of_memory_in_the_compiled_network_drops_it_for_eager_at_the_real_size():
+    """A compiled network pads every batch to its shape: when that does not fit, eager runs
+    the same chunks unpadded (no halving yet), and no compiled network is taken afterwards."""
+    eager, compiled = Recorder(1.0), RunsOutOfMemoryAbove(limit=0)
+    runner = BatchRunner(eager)
+    runner.use_compiled(compiled, (4, 2, 256))
+    one = np.ones((1, 2, 256), np.float32)  # a last chunk, padded to 4
+    with pytest.warns(UserWarning, match="GPU out of memory: continuing with the eager network"):
+        assert torch.equal(runner(one)[:, 0], torch.from_numpy(one))
+    assert compiled.batches == [4] and eager.shapes == [(1, 2, 256)] and runner.compiled is None
+    with pytest.raises(StemsepError, match="the GPU ran out of memory meanwhile, so the network compiled for batches of 4 is not used"):
+        runner.use_compiled(compiled, (4, 2, 256))
 
 
 def test_out_of_memory_on_a_single_chunk_is_a_clear_error():

@@ -44,6 +44,7 @@ from stemsep.model import BandSplit, MaskEstimator, Transformer
 TOLERANCE_DB = {"fp32": 60.0, "bf16": 20.0, "fp16": 20.0}
 
 REGIONS = (Transformer, BandSplit, MaskEstimator)
+RECOMPILE_LIMIT = 64
 
 
 def use_compile_cache() -> Path:
@@ -66,6 +67,11 @@ def compile_regions(model: nn.Module) -> nn.Module:
     static shapes. `model` itself stays eager. Compilation happens on the first call."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     compiled = copy.deepcopy(model, memo=shared)
+    # Dynamo keeps a function's compiled variants (a region class's forward: one per input
+    # shape, across every network compiled in the process; a transformer has two per
+    # network, four on the CPU's slices) up to `recompile_limit` (8) and runs the rest
+    # eagerly without a word. Room for the baked models of a Cog image in one process:
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for module in compiled.modules():
         if isinstance(module, REGIONS):
             module.compile(dynamic=False)

@@ -16,6 +16,7 @@ files or formats.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import math
 import warnings
@@ -124,8 +125,9 @@ class BatchRunner:
     reads it once, so the swap happens between batches. Batches of fewer chunks are padded
     with silent chunks to that shape, so it never recompiles, and chunks of another length
     (a song shorter than one chunk) go through the eager `model`. If CUDA runs out of
-    memory, the batch is split in halves (and later batches stay at the smaller size,
-    eagerly) down to a single chunk before giving up. The views :meth:`with_tta` makes share
+    memory, a compiled network is dropped first (eager runs the chunks unpadded), then the
+    batch is split in halves (and later batches stay at the smaller size) down to a single
+    chunk before giving up. The views :meth:`with_tta` makes share
     all of this with the runner.
     """
 
@@ -142,14 +144,18 @@ class BatchRunner:
         return self._shared.compiled
 
     def use_compiled(self, network: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int, int]) -> None:
+        """Run batches of `shape` through `network` from the next batch on; refused (an
+        error) once the GPU has run out of memory, since its shape is what did not fit."""
+        if self._shared.out_of_memory:
+            raise StemsepError(f"the GPU ran out of memory meanwhile, so the network compiled for batches of {shape[0]} is not used")
         self._shared.compiled = CompiledNetwork(network, tuple(shape))
 
     def __call__(self, chunks: np.ndarray) -> torch.Tensor:  # (batch, channels, samples) -> (batch, stems, channels, samples), float32, CPU
         return self.submit(chunks).result()
 
     def submit(self, chunks: np.ndarray) -> Future[torch.Tensor]:
-        if self.worker is not None:
-            return self.worker.submit(self.compute, chunks)
+        if self.worker is not None:  # in the caller's context: what it prints or warns lands in the caller's logs
+            return self.worker.submit(contextvars.copy_context().run, self.compute, chunks)
         done: Future[torch.Tensor] = Future()
         done.set_result(self.compute(chunks))
         return done
@@ -161,12 +167,17 @@ class BatchRunner:
         try:
             return self._forward(chunks)
         except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            self._shared.out_of_memory = True
+            if self._shared.compiled is not None:  # its batches are padded to its shape: eager runs just the chunks
+                self._shared.compiled = None
+                warnings.warn("GPU out of memory: continuing with the eager network", stacklevel=2)
+                return self.compute(chunks)
             if len(chunks) == 1:
                 raise StemsepError(
                     "the GPU ran out of memory on a single chunk; free GPU memory or run on the CPU"
                 ) from None
-            torch.cuda.empty_cache()
-            self._shared.max_batch, self._shared.compiled = len(chunks) // 2, None  # the compiled shape is the one that did not fit
+            self._shared.max_batch = len(chunks) // 2
             warnings.warn(f"GPU out of memory: continuing with {len(chunks) // 2} chunks per batch", stacklevel=2)
             return self.compute(chunks)
 
@@ -215,6 +226,7 @@ class _RunnerState:
 
     compiled: CompiledNetwork | None = None
     max_batch: int | None = None  # lowered after an out-of-memory error
+    out_of_memory: bool = False  # once true, no compiled network is taken
 
 
 def augmented_mean(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
