@@ -329,9 +329,9 @@ def network_alone(files: dict, source: Path, profile, budget: Budget, skipped: d
     import numpy as np
     import soundfile as sf
     import torch
-    from model_forward import matmul_tflops, output, snr_db, timed
+    from model_forward import matmul_tflops, output, timed
 
-    from stemsep.compilation import compile_regions, compile_whole
+    from stemsep.compilation import compile_regions, compile_whole, snr_db
     from stemsep.separator import Separator
 
     datasheet_peak_tflops, flops_per_chunk = _flops()

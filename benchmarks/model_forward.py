@@ -40,6 +40,7 @@ from separate import (
 )
 
 from stemsep.checkpoint import _ConfigLoader, load_config, load_model
+from stemsep.compilation import snr_db
 from stemsep.testing import CONFIG_1297, config_dict, write_checkpoint, write_config
 
 
@@ -72,11 +73,6 @@ def output(model, audio, device, autocast_dtype=None) -> torch.Tensor:
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with torch.inference_mode(), amp:
         return model(audio).float()
-
-
-def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
-    error = (reference.double() - estimate.double()).square().sum()
-    return float(10 * torch.log10(reference.double().square().sum() / error))
 
 
 def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:

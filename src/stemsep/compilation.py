@@ -104,9 +104,8 @@ class BackgroundCompile:
     compiles by running the check batch, so on a GPU it computes alongside separations for
     a moment. `seconds` is how long it took, `snr_db` the check's result."""
 
-    def __init__(self, runner, shape: tuple[int, int, int], precision: str, regional: bool = True):
+    def __init__(self, runner, shape: tuple[int, int, int], precision: str):
         self.runner, self.shape, self.precision = runner, shape, precision
-        self.build = compile_regions if regional else compile_whole
         self.state = "compiling"
         self.seconds: float | None = None
         self.snr_db: float | None = None
@@ -121,7 +120,7 @@ class BackgroundCompile:
     def _compile(self) -> None:
         started = time.perf_counter()
         try:
-            network = self.build(self.runner.model)
+            network = compile_regions(self.runner.model)
             batch = check_batch(self.shape)
             compiled = self.runner.apply(network, batch)  # compiles: (batch, stems, channels, samples)
             self.snr_db = snr_db(self.runner.apply(self.runner.model, batch), compiled)
