@@ -244,6 +244,11 @@ class Runner(BaseRunner):
     time; on the CPU they share the cores."""
 
     def setup(self) -> None:
+        # The work and temp folders first: the compiler's thread, which Separator starts,
+        # writes temp files and must see the temp folder the process keeps.
+        self.root = work_root()
+        self.tmp = use_worker_temp_dir(self.root)
+        clear_worker_temp_dir(self.tmp)  # what a previous worker left
         checkpoint, config = model_files()
         self.device = os.environ.get("STEMSEP_DEVICE", "auto")
         started = time.perf_counter()
@@ -255,9 +260,6 @@ class Runner(BaseRunner):
         self.loaded = {catalogue.DEFAULT: self.separator}  # the baked models loaded so far
         self.loading = threading.Lock()  # one model load at a time
         self.checkpoint = checkpoint
-        self.root = work_root()
-        self.tmp = use_worker_temp_dir(self.root)
-        clear_worker_temp_dir(self.tmp)  # what a previous worker left
         self.reference: ReferenceEngine | None = None
         # predictions in flight (output folder -> input file) and the folder of the last to
         # return, whose files Cog may still be reading when the next starts (see _starting)

@@ -4,7 +4,8 @@ The server is coglet 0.23.1 as the image runs it (tests/cogserver.py starts it),
 inputs against the committed .cog/openapi_schema.json. It serves tiny constructed
 checkpoints laid out like weights/ (the 1297 file names): a pass-through one (constant mask
 1, so vocals == input and instrumental == silence) with 0.25-s chunks, so that a chunk
-takes milliseconds and a long input takes many seconds.
+takes milliseconds and a long input takes many seconds. The tests that start a server are
+marked slow (about a minute together); the runner's helpers are tested in-process.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import soundfile as sf
 import torch
 from cogserver import REPO, cog_server, http, wait_for
 
-from stemsep import audio
+from stemsep import audio, compilation
 from stemsep.compilation import TOLERANCE_DB
 from stemsep.reference import CHECKPOINT_NAME, CONFIG_NAME
 from stemsep.separator import MAX_OVERLAP
@@ -42,8 +44,6 @@ from stemsep.testing import (
     snr,
     tones,
 )
-
-pytestmark = pytest.mark.slow  # the real Cog server: about a minute
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
@@ -274,6 +274,7 @@ def test_the_image_compiles_the_network_on_a_gpu_only_unless_told(monkeypatch, s
 # predictions -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sync_passthrough_returns_vocals_then_instrumental(server, work_dir):
     assert server.health()["status"] == "READY"
     x = song(2.0)
@@ -294,6 +295,7 @@ def test_sync_passthrough_returns_vocals_then_instrumental(server, work_dir):
     assert outputs == ["audio_instrumental.wav", "audio_vocals.wav"]
 
 
+@pytest.mark.slow
 def test_url_input_names_the_outputs_and_uploads_both(upload_server, peer):
     """--upload-url mode, as on Replicate: both files arrive under distinct names derived
     from the input's, with the right contents, and the output lists exactly their URLs."""
@@ -332,6 +334,7 @@ def test_url_input_names_the_outputs_and_uploads_both(upload_server, peer):
 # (stemsep.remote.stem_urls), which the next test checks against this very reordering.
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
     reason="coglet 0.23.1 uploads each file output in its own task and appends its URL when the "
@@ -350,6 +353,7 @@ def test_upload_mode_lists_vocals_first_even_when_its_upload_is_slower(upload_se
     assert [url.rsplit("/", 1)[1] for url in body["output"]] == ["slow_vocals.wav", "slow_instrumental.wav"]
 
 
+@pytest.mark.slow
 def test_clients_pick_the_stems_by_name_when_a_slow_vocals_upload_comes_second(upload_server, peer):
     """The client side of the above: stemsep.remote.stem_urls (the CLI and the webhook
     receiver use it) maps the real upload-mode output to the right stems whatever the order."""
@@ -370,6 +374,7 @@ def test_clients_pick_the_stems_by_name_when_a_slow_vocals_upload_comes_second(u
         peer.delay.clear()
 
 
+@pytest.mark.slow
 def test_async_prediction_sends_one_terminal_webhook(upload_server, peer, tmp_path):
     """Prefer: respond-async with webhook_events_filter ["completed"]: the receiver (the
     project's webhook store) acts on exactly one terminal delivery; a duplicate delivery and a
@@ -410,6 +415,7 @@ def test_async_prediction_sends_one_terminal_webhook(upload_server, peer, tmp_pa
         store.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "bad_input",
     [
@@ -432,6 +438,7 @@ def test_invalid_inputs_are_rejected_with_422(server, bad_input):
     assert r.json()["detail"][0]["loc"][-1] == field
 
 
+@pytest.mark.slow
 def test_non_audio_input_fails_with_the_library_message(server, work_dir):
     r = server.predict({"input": {"audio": data_url(b"this is not audio " * 100, "application/octet-stream")}})
     body = r.json()
@@ -441,11 +448,13 @@ def test_non_audio_input_fails_with_the_library_message(server, work_dir):
     assert leftovers(work_dir) == []  # a failed prediction leaves nothing
 
 
+@pytest.mark.slow
 def test_flac_32_bit_is_refused_with_the_library_message(server):
     body = server.predict({"input": {"audio": data_url(wav_bytes(song(0.5))), "output_format": "flac", "bit_depth": "32"}}).json()
     assert body["status"] == "failed" and "not available for FLAC" in body["error"]
 
 
+@pytest.mark.slow
 def test_cancel_stops_between_chunks_and_leaves_nothing_behind(server, work_dir):
     """A long prediction (thousands of chunks) is canceled within a fraction of a second;
     meanwhile a second request gets 409; the prediction's folder is gone afterwards."""
@@ -488,6 +497,7 @@ def predict_then_cancel(server, prediction_id: str, audio: str) -> str:
     return r.json()["status"]
 
 
+@pytest.mark.slow
 def test_work_dir_holds_at_most_one_prediction_whatever_the_outcomes(server, work_dir):
     """Ten predictions in a row that succeed, fail and are canceled: after each, the runner's
     work folder holds at most one prediction's folder, the latest successful one's (Cog has
@@ -521,6 +531,7 @@ def test_work_dir_holds_at_most_one_prediction_whatever_the_outcomes(server, wor
             assert outputs == ["audio_instrumental.wav", "audio_vocals.wav"]
 
 
+@pytest.mark.slow
 def test_audio_separator_engine_returns_two_files(server):
     """The reference engine loads the same (tiny) checkpoint through audio-separator."""
     x = song(1.0, seed=5)
@@ -534,6 +545,7 @@ def test_audio_separator_engine_returns_two_files(server):
     assert np.max(np.abs(instrumental)) < 0.01
 
 
+@pytest.mark.slow
 def test_broken_checkpoint_fails_setup_with_the_library_message(passthrough, tmp_path):
     broken = tmp_path / CHECKPOINT_NAME
     broken.write_bytes(b"not a checkpoint" * 100)
@@ -709,6 +721,7 @@ class FailingInputs:
         self.server.server_close()
 
 
+@pytest.mark.slow
 def test_failed_downloads_leave_nothing_once_the_next_prediction_runs(passthrough, tmp_path):
     """Cog creates a URL input's temp file before downloading into it and keeps it when the
     download fails (404, cut short, stalled and canceled): the runner gives the worker its
@@ -744,6 +757,7 @@ def test_failed_downloads_leave_nothing_once_the_next_prediction_runs(passthroug
         inputs.close()
 
 
+@pytest.mark.slow
 def test_setup_never_waits_for_the_compiler_and_the_compiled_network_takes_over(tmp_path):
     """STEMSEP_COMPILE=1 on the CPU, random weights, an empty compile cache: the server is
     READY while the network is still compiling, a prediction sent at once runs eagerly and
@@ -809,6 +823,88 @@ def test_with_predictions_at_once_only_settled_temp_files_are_cleared(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["tmpzz9yy8xxnew.wav"]
 
 
+# compiling in the background, in-process -----------------------------------------------------
+
+
+def test_the_compiler_thread_setup_starts_sees_the_worker_temp_folder(monkeypatch, tmp_path):
+    """setup() moves the process's temp folder to $STEMSEP_WORK_DIR/tmp before anything
+    starts the compiler's thread, which writes temp files and must not see the folder
+    setup() was about to leave. Separator returns only once the thread has looked, so an
+    order that starts the thread first is always caught."""
+    weights = weights_like_dir(tmp_path / "weights")
+    for name, value in {**runner_env(weights, tmp_path / "work"), "STEMSEP_COMPILE": "1",
+                        "STEMSEP_CACHE_DIR": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(name, value)
+    # what setup() changes in this process, restored afterwards
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache" / "inductor"))
+    monkeypatch.setenv("TMPDIR", tempfile.gettempdir())
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.gettempdir())
+    seen = {}
+    looked = threading.Event()
+
+    def compile_regions(model):  # records what the compiler's thread sees; the eager network back
+        seen.update(tempdir=tempfile.gettempdir(), TMPDIR=os.environ["TMPDIR"])
+        looked.set()
+        return model
+
+    def separator_once_its_compiler_looked(*args, **kwargs):
+        separator = real_separator(*args, **kwargs)
+        assert looked.wait(WAIT)
+        return separator
+
+    real_separator = predict.Separator
+    monkeypatch.setattr(compilation, "compile_regions", compile_regions)
+    monkeypatch.setattr(predict, "Separator", separator_once_its_compiler_looked)
+    runner = predict.Runner()
+    with warnings.catch_warnings():  # setup() takes over the process's warning settings
+        runner.setup()
+    assert runner.separator.compilation.wait(WAIT)
+    worker_tmp = str(tmp_path / "work" / predict.WORKER_TMP)
+    assert seen == {"tempdir": worker_tmp, "TMPDIR": worker_tmp}
+
+
+class EchoRunner:
+    """What BackgroundCompile needs of a BatchRunner: its eager network (here a name),
+    apply() (here one stem, the input: every network agrees) and use_compiled()."""
+
+    def __init__(self, model: str):
+        self.model, self.compiled = model, None
+
+    def apply(self, network, batch: torch.Tensor) -> torch.Tensor:
+        return batch.unsqueeze(1)  # (batch, channels, samples) -> (batch, stems, channels, samples)
+
+    def use_compiled(self, network, shape) -> None:
+        self.compiled = network
+
+
+def test_a_second_network_compiles_only_once_the_first_is_done(monkeypatch):
+    """A baked model used for the first time while 1297 still compiles starts a second
+    background compile. Dynamo and Inductor are not thread-safe (pytorch/pytorch#136833):
+    the second waits for the first. 1297's compile holds until the second has begun or 2 s
+    have passed, so two compiles at once would always show in the order of events."""
+    events = []
+    first_begun, second_begun = threading.Event(), threading.Event()
+
+    def compile_regions(model):
+        events.append(f"{model} begins")
+        if model == "1297":
+            first_begun.set()
+            second_begun.wait(2.0)
+        else:
+            second_begun.set()
+        events.append(f"{model} done")
+        return f"compiled {model}"
+
+    monkeypatch.setattr(compilation, "compile_regions", compile_regions)
+    runners = [EchoRunner("1297"), EchoRunner("kim-vocals")]
+    first = compilation.BackgroundCompile(runners[0], (2, 2, 64), "fp32")
+    assert first_begun.wait(WAIT)
+    second = compilation.BackgroundCompile(runners[1], (2, 2, 64), "fp32")
+    assert first.wait(WAIT) and second.wait(WAIT)
+    assert events == ["1297 begins", "1297 done", "kim-vocals begins", "kim-vocals done"]
+    assert [runner.compiled for runner in runners] == ["compiled 1297", "compiled kim-vocals"]
+
+
 # two predictions at once (cog.yaml concurrency.max: 2) -------------------------------------------
 
 
@@ -833,6 +929,7 @@ def chunk_totals(logs: str) -> set[int]:
     return {int(total) for total in re.findall(r"\| \d+/(\d+) \[chunks\]", logs)}
 
 
+@pytest.mark.slow
 def test_two_predictions_at_once_each_get_their_own_stems_and_logs(concurrent_server):
     """Two songs sent together both succeed (a server running one at a time answers the
     second with 409), each with the stems it gets when it runs alone and with only its own
@@ -860,6 +957,7 @@ def test_two_predictions_at_once_each_get_their_own_stems_and_logs(concurrent_se
     assert len(predictions(work)) == 2
 
 
+@pytest.mark.slow
 def test_canceling_one_of_two_predictions_leaves_the_other_to_finish(concurrent_server):
     server, work = concurrent_server
     x = song(3.0, seed=23)
@@ -902,6 +1000,7 @@ def two_model_server(tmp_path_factory):
         yield s
 
 
+@pytest.mark.slow
 def test_the_model_input_picks_a_baked_model_and_names_its_stems(two_model_server):
     x = song(1.0)
     body = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "model": "karaoke"}}).json()
@@ -918,6 +1017,7 @@ def test_the_model_input_picks_a_baked_model_and_names_its_stems(two_model_serve
     assert unknown.status == 422
 
 
+@pytest.mark.slow
 def test_chosen_stems_and_compressed_output_through_the_server(two_model_server):
     x = tones(RATE, RATE, 2, level=0.3).T.astype(np.float64)  # music-like: lossy codecs code noise coarsely
     body = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "stems": "instrumental",
@@ -939,6 +1039,7 @@ def test_chosen_stems_and_compressed_output_through_the_server(two_model_server)
     assert bad["status"] == "failed" and "bitrate" in bad["error"].lower()
 
 
+@pytest.mark.slow
 def test_progress_lines_are_what_replicates_client_parses(two_model_server):
     from replicate.prediction import Prediction
 

@@ -45,6 +45,10 @@ TOLERANCE_DB = {"fp32": 60.0, "bf16": 20.0, "fp16": 20.0}
 
 REGIONS = (Transformer, BandSplit, MaskEstimator)
 RECOMPILE_LIMIT = 64
+# Held while a network compiles: Dynamo and Inductor keep process-wide state and are not
+# thread-safe (pytorch/pytorch#136833), so a second network (another baked model of the
+# Cog image, loaded while the first still compiles) waits for the first to be done.
+COMPILING = threading.Lock()
 
 
 def use_compile_cache() -> Path:
@@ -102,7 +106,9 @@ class BackgroundCompile:
 
     `state` is "compiling", then "compiled" or "failed" (with one warning). The thread
     compiles by running the check batch, so on a GPU it computes alongside separations for
-    a moment. `seconds` is how long it took, `snr_db` the check's result."""
+    a moment. One network compiles at a time (:data:`COMPILING`): a second one stays
+    "compiling" until the first is done. `seconds` is how long its own compile and check
+    took, `snr_db` the check's result."""
 
     def __init__(self, runner, shape: tuple[int, int, int], precision: str):
         self.runner, self.shape, self.precision = runner, shape, precision
@@ -118,22 +124,23 @@ class BackgroundCompile:
         return self.state == "compiled"
 
     def _compile(self) -> None:
-        started = time.perf_counter()
-        try:
-            network = compile_regions(self.runner.model)
-            batch = check_batch(self.shape)
-            compiled = self.runner.apply(network, batch)  # compiles: (batch, stems, channels, samples)
-            self.snr_db = snr_db(self.runner.apply(self.runner.model, batch), compiled)
-            if not self.snr_db >= TOLERANCE_DB[self.precision]:
-                raise ArithmeticError(
-                    f"the compiled network's output is {self.snr_db:.1f} dB from eager's, "
-                    f"under the {TOLERANCE_DB[self.precision]:.0f} dB allowed"
-                )
-            self.runner.use_compiled(network, self.shape)
-            state = "compiled"
-        except Exception as exc:  # any compiler failure: eager is always correct
-            state = "failed"
-            warnings.warn(f"torch.compile failed, running eagerly: {first_line(exc)}", stacklevel=1)
-        self.seconds = time.perf_counter() - started
+        with COMPILING:  # after any other network's compile
+            started = time.perf_counter()
+            try:
+                network = compile_regions(self.runner.model)
+                batch = check_batch(self.shape)
+                compiled = self.runner.apply(network, batch)  # compiles: (batch, stems, channels, samples)
+                self.snr_db = snr_db(self.runner.apply(self.runner.model, batch), compiled)
+                if not self.snr_db >= TOLERANCE_DB[self.precision]:
+                    raise ArithmeticError(
+                        f"the compiled network's output is {self.snr_db:.1f} dB from eager's, "
+                        f"under the {TOLERANCE_DB[self.precision]:.0f} dB allowed"
+                    )
+                self.runner.use_compiled(network, self.shape)
+                state = "compiled"
+            except Exception as exc:  # any compiler failure: eager is always correct
+                state = "failed"
+                warnings.warn(f"torch.compile failed, running eagerly: {first_line(exc)}", stacklevel=1)
+            self.seconds = time.perf_counter() - started
         self.state = state  # last: whoever sees the state sees the rest
         self._done.set()
