@@ -486,6 +486,46 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 # entry point -----------------------------------------------------------------------------
 
+# ui --------------------------------------------------------------------------------------
+
+
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="a page in the browser to separate songs and practise with their stems (mixer, loop, speed)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default: 127.0.0.1, this computer only; any other needs the printed token)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080; 0: any free port)")
+    p.add_argument("--no-browser", action="store_true", help="do not open the page in the default browser")
+    p.add_argument("-o", "--output-dir", type=Path, default=Path("separated"),
+                   help="where separations are kept, one subfolder each (default: separated/)")
+    p.add_argument("--max-upload-mb", type=int, default=1024, metavar="MB", help="largest song the page accepts (default: 1024)")
+    p.add_argument("--mixer-minutes", type=float, default=20, metavar="MINUTES",
+                   help="longest song the mixer plays; longer ones are offered as downloads (default: 20; the page can change it)")
+    _add_model_options(p)
+    p.set_defaults(func=_run_ui)
+
+
+def _run_ui(args: argparse.Namespace) -> int:
+    from stemsep.ui.engines import ModelOptions
+    from stemsep.ui.server import Settings, serve
+
+    names, checkpoints, configs = args.model or [], args.checkpoint or [], args.config or []
+    if max(len(names), len(checkpoints), len(configs)) > 1:
+        raise StemsepError("the page runs one model at a time: give --model, or --checkpoint with --config, once")
+    if len(checkpoints) != len(configs):
+        raise StemsepError("--checkpoint and --config go together")
+    model_options = ModelOptions(
+        checkpoint=checkpoints[0] if checkpoints else None, config=configs[0] if configs else None, device=args.device,
+        precision=args.precision, batch_size=args.batch_size, overlap=args.overlap, compile=args.compile,
+    )
+    settings = Settings(
+        output_dir=args.output_dir, host=args.host, port=args.port, model=names[0] if names else None,
+        model_options=model_options, tta=args.tta, max_upload_bytes=args.max_upload_mb << 20,
+        mixer_minutes=args.mixer_minutes,
+    )
+    serve(settings, open_browser=not args.no_browser)
+    return 0
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stemsep", description=__doc__.splitlines()[0])
@@ -498,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     return parser
 
+    _add_ui(sub)
 
 # Optional packages, by the extra that installs them.
 _EXTRAS = {name: "remote" for name in ("replicate", "httpx", "standardwebhooks", "starlette", "uvicorn")} | {"museval": "eval"}
