@@ -69,13 +69,60 @@ def test_best_vocals_and_instrumental_melband_entries_lead_on_their_published_fi
     assert best("instrumental", "audio-separator-scores") == "duality-v2"
 
 
-def test_every_checkpoint_checksum_comes_from_a_published_file_pinned_to_a_commit():
+PUBLISHED = Path(__file__).parent / "data" / "published"
+# The published lists the tests can read offline (tests/data/published/README.md): by source
+# key, each file's sha256 and size by its entry in the list.
+_LISTS = {
+    "msst-webui-models-info": {
+        k: (v["sha256"], v["model_size"])
+        for k, v in json.loads((PUBLISHED / "msst-webui-2aee2cc-models_info.excerpt.json").read_text()).items()
+    },
+    "bs-roformer-infer-checksums": {
+        k: (v["sha256"], v["size"])
+        for k, v in json.loads((PUBLISHED / "bs-roformer-infer-0.1.5-checksums.json").read_text())["files"].items()
+    },
+    # tests/data/configs holds these yamls as read at the pinned commit (`<name>.ckpt.yaml` there).
+    "msst-webui-configs": {
+        m.config.sha256_from[0].entry: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_size)
+        for m in catalogue.MODELS.values()
+        if m.config.sha256_from[0].source == "msst-webui-configs" and (p := CONFIGS / m.config.name).is_file()
+    },
+}
+
+
+def _pinned(source: dict) -> bool:
+    """A source pinned to a commit of a repository or to a package version."""
+    return bool(re.fullmatch(r"[0-9a-f]{40}", source.get("commit", ""))) or bool(
+        re.fullmatch(r"\S+ \d+(\.\d+)+ \(PyPI\)", source.get("package", ""))
+    )
+
+
+def test_every_downloaded_file_checksum_comes_from_a_pinned_published_list():
     sources = RAW["sources"]
     for entry in RAW["models"]:
-        source = sources[entry["checkpoint"]["checksum_source"]]
-        assert source["repository"] == "SUC-DriverOld/MSST-WebUI" and source["path"] == "data_backup/models_info.json", entry["name"]
-        assert re.fullmatch(r"[0-9a-f]{40}", source["commit"])
-        assert entry["checkpoint"]["size"] > 0
+        for role in ("checkpoint", "config"):
+            f = entry[role]
+            if f.get("shipped"):
+                continue
+            listed = [sources[p["source"]] for p in f["sha256_from"]]
+            assert any(s.get("checksums") and _pinned(s) for s in listed), (entry["name"], role)
+        assert entry["checkpoint"]["size"] > 0 and entry["checkpoint"]["dtype"] in catalogue.DTYPES
+
+
+@pytest.mark.parametrize("name", list(catalogue.MODELS))
+def test_checksums_and_sizes_match_the_published_lists(name):
+    """Each file's sha256 and size equal those of every published list that names it and
+    that the tests hold a copy of; every downloaded file is in at least one such list."""
+    model = catalogue.get(name)
+    for wf in model.files:
+        checked = 0
+        for published in wf.sha256_from:
+            listed = _LISTS.get(published.source, {}).get(published.entry)
+            if listed is None:
+                continue
+            assert listed == (wf.sha256, wf.size), (wf.name, published)
+            checked += 1
+        assert checked, f"{wf.name}: no published list the tests hold names it"
 
 
 def test_every_score_and_config_names_its_source_and_every_url_is_https():
@@ -85,16 +132,26 @@ def test_every_score_and_config_names_its_source_and_every_url_is_https():
         assert "commit" not in source or re.fullmatch(r"[0-9a-f]{40}", source["commit"]), key
     for entry in RAW["models"]:
         for role in ("checkpoint", "config"):
-            assert all(url.startswith("https://") for url in entry[role]["urls"]), (entry["name"], role)
+            assert all(url.startswith("https://") for url in entry[role].get("urls", ())), (entry["name"], role)
         config = entry["config"]
-        if config["checksum_source"] == "msst-webui-configs":  # a config read at a commit of its repository
+        if config["sha256_from"][0]["source"] == "msst-webui-configs":  # a config read at a commit of its repository
             commit = sources["msst-webui-configs"]["commit"]
             assert config["urls"] == [
                 f"https://raw.githubusercontent.com/SUC-DriverOld/MSST-WebUI/{commit}/configs_backup/"
-                + config["urls"][0].rsplit("/configs_backup/", 1)[1]
+                + config["sha256_from"][0]["entry"]
             ]
         for score in entry["scores"]:
             assert score["source"] in sources
+
+
+def test_no_url_is_a_release_asset_under_a_folder():
+    """A GitHub release asset's name cannot contain '/', so such a URL always answers 404
+    (the 1297 yaml was once listed under .../all_public_uvr_models/mdx_model_data/...)."""
+    for model in catalogue.MODELS.values():
+        for wf in model.files:
+            for url in wf.urls:
+                tail = url.partition("/releases/download/")[2]
+                assert tail.count("/") <= 1, url
 
 
 def test_no_file_name_is_shared_between_models():
@@ -225,7 +282,10 @@ def _write(tmp_path: Path, mutate) -> Path:
         (lambda r: r["models"][1]["config"].update(name="../evil.yaml"), "is not a plain file name"),  # not a path
         (lambda r: r["models"][1]["checkpoint"].update(size=None), "the checkpoint has no size"),
         (lambda r: r["models"][1]["checkpoint"].update(urls=[]), "urls should be a non-empty list"),
-        (lambda r: r["models"][1]["checkpoint"].update(checksum_source="trust-me"), "checksum source 'trust-me'"),
+        (lambda r: r["models"][1]["checkpoint"].update(sha256_from=[{"source": "trust-me"}]), "checksum source 'trust-me'"),
+        (lambda r: r["models"][1]["checkpoint"].update(sha256_from=[{"source": "author-file-name"}]),
+         "no source in sha256_from is a published checksum list"),
+        (lambda r: r["models"][1]["checkpoint"].update(dtype="bf16"), "the checkpoint's dtype should be one of fp32, fp16"),
         (lambda r: r["models"].append(r["models"][0]), "model '1297' is listed twice"),
         (lambda r: r.update(default="nope"), "the default model 'nope' is not listed"),
         (lambda r: r["models"][1].update(architecture="demucs"), "unknown architecture 'demucs'"),

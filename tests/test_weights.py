@@ -135,11 +135,12 @@ def test_the_default_model_files_hold_the_published_sha256_and_mirror_order():
     assert ckpt.size == 639331213
     uvr = "https://github.com/TRvlvr/model_repo/releases/download/all_public_uvr_models"
     audio_separator = "https://github.com/nomadkaraoke/python-audio-separator/releases/download/model-configs"
-    assert ckpt.urls == (f"{uvr}/{ckpt.name}", f"{audio_separator}/{ckpt.name}")
+    msst_webui = "https://huggingface.co/Sucial/MSST-WebUI/resolve/main/All_Models/vocal_models"
+    assert ckpt.urls == (f"{msst_webui}/{ckpt.name}", f"{audio_separator}/{ckpt.name}", f"{uvr}/{ckpt.name}")
     assert yaml.name == "model_bs_roformer_ep_317_sdr_12.9755.yaml"
     assert yaml.sha256 == "2bfdd16c656bd9519aba757cc4f8834b7ede675eb1e00ec4772d74ae1c41af7f"
-    assert yaml.size is None  # no source records it
-    assert yaml.urls == (f"{uvr}/mdx_model_data/mdx_c_configs/{yaml.name}", f"{audio_separator}/{yaml.name}")
+    assert yaml.size == 2273  # bs-roformer-infer 0.1.5 publishes it
+    assert yaml.urls == (f"{audio_separator}/{yaml.name}",)
 
 
 def test_default_dir_follows_the_environment_variable(monkeypatch, tmp_path):
