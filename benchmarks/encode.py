@@ -1,6 +1,6 @@
 """Encoding cost of compressed stems: seconds of CPU per minute of stereo 44.1 kHz audio,
 per format, at the default bitrates (stemsep.compressed), with 16-bit WAV and FLAC
-(stemsep.audio.AudioWriter) for comparison. Not a test.
+(stemsep.pcm.AudioWriter) for comparison. Not a test.
 
 The input is a minute of broadband stand-in music (a few sines with vibrato over pink-ish
 noise), written in 1.5-s blocks as the separator writes stems. CPU time (process time) is
@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stemsep import audio, compressed
+from stemsep.choices import COMPRESSED_FORMATS, OUTPUT_FORMATS, PCM_FORMATS
+from stemsep.compressed import CompressedWriter, encode_settings
+from stemsep.pcm import AudioWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work" / "encode"
@@ -47,10 +49,10 @@ def stand_in_music(seconds: float) -> np.ndarray:
 
 def encode_once(x: np.ndarray, fmt: str, path: Path) -> tuple[float, float]:
     cpu, wall = time.process_time(), time.perf_counter()
-    if fmt in ("wav", "flac"):
-        writer = audio.AudioWriter(path, RATE, x.shape[0], "PCM_16", fmt)
+    if fmt in PCM_FORMATS:
+        writer = AudioWriter(path, RATE, x.shape[0], "PCM_16", fmt)
     else:
-        writer = compressed.CompressedWriter(path, RATE, x.shape[0], fmt)
+        writer = CompressedWriter(path, RATE, x.shape[0], fmt)
     with writer:
         for start in range(0, x.shape[1], BLOCK):
             writer.write(x[:, start : start + BLOCK])
@@ -67,12 +69,12 @@ def main() -> int:
     x = stand_in_music(args.seconds)
     minutes = args.seconds / 60
     rows = {}
-    for fmt in ("wav", "flac", *compressed.COMPRESSED_FORMATS):
+    for fmt in OUTPUT_FORMATS:
         path = WORK / f"stem.{fmt}"
         runs = [encode_once(x, fmt, path) for _ in range(args.reps)]
         cpu = statistics.median(r[0] for r in runs) / minutes
         wall = statistics.median(r[1] for r in runs) / minutes
-        kbps = compressed.encode_settings(fmt, RATE, 2).bitrate_kbps if fmt in compressed.COMPRESSED_FORMATS else None
+        kbps = encode_settings(fmt, RATE, 2).bitrate_kbps if fmt in COMPRESSED_FORMATS else None
         rows[fmt] = {
             "bitrate_kbps": kbps,
             "cpu_s_per_min": round(cpu, 3),

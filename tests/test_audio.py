@@ -22,21 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from stemsep import audio
-from stemsep.audio import (
-    AudioInfo,
-    AudioReader,
-    AudioWriter,
-    ClipReport,
-    StreamResampler,
-    decode,
-    output_subtype,
-    probe,
-    quantize,
-    resample,
-    resampled_length,
-    write,
-)
+from stemsep import pcm
+from stemsep.decode import AudioInfo, AudioReader, decode, probe
+from stemsep.pcm import AudioWriter, ClipReport, output_subtype, quantize, write
+from stemsep.resample import StreamResampler, resample, resampled_length
 from stemsep.errors import AudioDecodeError, AudioEncodeError
 from stemsep.testing import av_encode
 
@@ -772,7 +761,7 @@ def test_a_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
 
     original = soundfile.SoundFile.write
     monkeypatch.setattr(soundfile.SoundFile, "write", disk_full)
-    monkeypatch.setattr(audio, "_WRITE_BLOCK", 1000)
+    monkeypatch.setattr(pcm, "_WRITE_BLOCK", 1000)
     with pytest.raises(AudioEncodeError) as caught:
         write(path, np.zeros((2, 5000), np.float32), 44100, "PCM_16", "wav")
     assert str(caught.value) == "stem.wav: could not be written (No space left on device)"
@@ -845,7 +834,7 @@ def test_eight_planar_channels_decode_without_reading_past_the_frame(tmp_path):
     script = """
 import fractions, sys
 import av, numpy as np
-from stemsep import audio
+from stemsep.decode import decode
 rate, n = 48000, 24000
 x = (0.1 * np.sin(np.arange(n) * 2 * np.pi * 60 / rate)).astype(np.float32) * np.linspace(0.2, 1, 8)[:, None].astype(np.float32)
 with av.open(sys.argv[1], "w") as out:
@@ -858,7 +847,7 @@ with av.open(sys.argv[1], "w") as out:
             out.mux(packet)
     for packet in stream.encode(None):
         out.mux(packet)
-y, info = audio.decode(sys.argv[1])
+y, info = decode(sys.argv[1])
 levels = np.sqrt(np.mean(y[:, 4800:-4800].astype(np.float64) ** 2, axis=1)) / np.sqrt(np.mean(x[:, 4800:-4800].astype(np.float64) ** 2, axis=1))
 print(y.shape, info.channels, np.round(levels, 1).tolist())
 """

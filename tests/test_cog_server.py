@@ -32,7 +32,8 @@ import soundfile as sf
 import torch
 from cogserver import REPO, cog_server, http, wait_for
 
-from stemsep import audio, compilation
+from stemsep import compilation
+from stemsep.decode import decode
 from stemsep.compilation import TOLERANCE_DB
 from stemsep.reference import CHECKPOINT_NAME, CONFIG_NAME
 from stemsep.separator import MAX_OVERLAP
@@ -1030,7 +1031,7 @@ def test_chosen_stems_and_compressed_output_through_the_server(two_model_server)
         header, payload = body["output"][0].split(",", 1)
         path = Path(tempfile.mkdtemp()) / f"vocals.{fmt}"
         path.write_bytes(base64.b64decode(payload))
-        vocals, info = audio.decode(path)
+        vocals, info = decode(path)
         assert info.sample_rate == rate and vocals.shape[0] == 2
         if rate == RATE:
             assert vocals.shape[1] == x.shape[0]

@@ -29,8 +29,11 @@ import av
 import numpy as np
 import pytest
 
-from stemsep import audio, compressed
-from stemsep.compressed import COMPRESSED_FORMATS, CompressedWriter
+from stemsep import compressed
+from stemsep.decode import decode
+from stemsep.resample import resample, resampled_length
+from stemsep.choices import COMPRESSED_FORMATS
+from stemsep.compressed import CompressedWriter
 from stemsep.errors import AudioEncodeError
 
 # SNR floors (dB): measured (module docstring) minus 3-4 dB.
@@ -116,10 +119,10 @@ def test_pass_through_is_aligned_full_length_and_close(tmp_path, fmt, rate, chan
     assert _left_behind(tmp_path) == [path.name]
     assert writer.clip.samples == 0
 
-    y, info = audio.decode(path)
+    y, info = decode(path)
     out_rate = 48000 if fmt == "opus" else rate
     assert (writer.output_rate, info.sample_rate, info.channels) == (out_rate, out_rate, channels)
-    ref = audio.resample(x, rate, out_rate)  # Opus at 44.1 kHz: compare at 48 kHz
+    ref = resample(x, rate, out_rate)  # Opus at 44.1 kHz: compare at 48 kHz
     assert y.shape == ref.shape  # exact length, M4A included (stemsep trims by the edit list)
     _assert_aligned(ref, y)
     for shift in (1, FRAME[fmt]):  # the check catches a one-sample and a one-frame shift
@@ -136,8 +139,8 @@ def test_lower_bitrate_snr(tmp_path, fmt):
     x = _signal(44100, 3 * 44100 + 777, 2)
     writer = _write(tmp_path / f"s.{fmt}", x, 44100, fmt, bitrate_kbps=128)
     assert writer.settings.bitrate_kbps == 128
-    y, _ = audio.decode(tmp_path / f"s.{fmt}")
-    ref = audio.resample(x, 44100, writer.output_rate)
+    y, _ = decode(tmp_path / f"s.{fmt}")
+    ref = resample(x, 44100, writer.output_rate)
     assert y.shape == ref.shape
     _assert_aligned(ref, y)
     assert _snr(ref, y) > SNR_FLOOR[fmt, 128]
@@ -165,13 +168,13 @@ def test_opus_resampled_back_matches_the_input(tmp_path):
     """Opus is 48 kHz; resampled back to 44.1 kHz it has the input's length (within one
     sample in general: two roundings) and no delay."""
     for n in (44100, 44101, 44102, 3 * 44100 + 777):  # the rounding: at most one sample either way
-        assert abs(audio.resampled_length(audio.resampled_length(n, 44100, 48000), 48000, 44100) - n) <= 1
+        assert abs(resampled_length(resampled_length(n, 44100, 48000), 48000, 44100) - n) <= 1
     n = 3 * 44100 + 777
     x = _signal(44100, n, 2)
     _write(tmp_path / "s.opus", x, 44100, "opus")
-    y, info = audio.decode(tmp_path / "s.opus")
+    y, info = decode(tmp_path / "s.opus")
     assert info.sample_rate == 48000
-    back = audio.resample(y, 48000, 44100)
+    back = resample(y, 48000, 44100)
     assert abs(back.shape[1] - n) <= 1
     _assert_aligned(x[:, : back.shape[1]], back[:, :n])
     assert _snr(x, back) > SNR_FLOOR["opus", None]
@@ -182,8 +185,8 @@ def test_block_sizes_do_not_matter(tmp_path, fmt):
     x = _signal(44100, 44100 + 123, 2)
     _write(tmp_path / f"a.{fmt}", x, 44100, fmt, blocks=(x.shape[1],))
     _write(tmp_path / f"b.{fmt}", x, 44100, fmt, blocks=(1, 7, 0, 3000, 959, 1153))
-    a, _ = audio.decode(tmp_path / f"a.{fmt}")
-    b, _ = audio.decode(tmp_path / f"b.{fmt}")
+    a, _ = decode(tmp_path / f"a.{fmt}")
+    b, _ = decode(tmp_path / f"b.{fmt}")
     np.testing.assert_array_equal(a, b)
 
 
@@ -193,7 +196,7 @@ def test_mp3_short_last_frame_keeps_the_length(tmp_path, n):
     ours is rewritten, with a valid tag CRC."""
     x = np.full((2, n), 0.25, np.float32)
     compressed.write(tmp_path / "s.mp3", x, 44100, "mp3")
-    y, _ = audio.decode(tmp_path / "s.mp3")
+    y, _ = decode(tmp_path / "s.mp3")
     assert y.shape == (2, n)
     assert _ffmpeg_decode(tmp_path / "s.mp3")[0].shape == (2, n)
     data = (tmp_path / "s.mp3").read_bytes()
@@ -210,7 +213,7 @@ def test_mp3_keeps_the_level_where_lame_scales_down(tmp_path, kbps):
     """LAME's presets scale by 0.95/0.97/0.98 at these rates; we compensate."""
     x = _signal(44100, 44100, 2)
     compressed.write(tmp_path / "s.mp3", x, 44100, "mp3", bitrate_kbps=kbps)
-    y, _ = audio.decode(tmp_path / "s.mp3")
+    y, _ = decode(tmp_path / "s.mp3")
     assert abs(float(np.sum(y * x) / np.sum(x * x)) - 1) < 0.003
 
 
@@ -242,8 +245,8 @@ def test_unsupported_rate_is_resampled(tmp_path, fmt, rate, out_rate):
         x = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / rate) * np.hanning(n))[None].repeat(2, 0).astype(np.float32)
     writer = _write(tmp_path / f"s.{fmt}", x, rate, fmt)
     assert writer.output_rate == out_rate
-    y, info = audio.decode(tmp_path / f"s.{fmt}")
-    ref = audio.resample(x, rate, out_rate)
+    y, info = decode(tmp_path / f"s.{fmt}")
+    ref = resample(x, rate, out_rate)
     assert info.sample_rate == out_rate and y.shape == ref.shape
     _assert_aligned(ref, y)
     assert _snr(ref, y) > 20
@@ -258,7 +261,7 @@ def test_multichannel_keeps_channel_order(tmp_path, fmt, channels):
     x = (x * np.hanning(n)).astype(np.float32)
     _write(tmp_path / f"s.{fmt}", x, 48000, fmt)
     if channels < 8:
-        y, info = audio.decode(tmp_path / f"s.{fmt}")
+        y, info = decode(tmp_path / f"s.{fmt}")
         assert info.channels == channels and y.shape == x.shape
     else:  # stemsep's reader crashes PyAV on 8 planar channels; FFmpeg alone, trimmed to n
         y, _ = _ffmpeg_decode(tmp_path / f"s.{fmt}")
@@ -297,7 +300,7 @@ def test_overs_are_clipped_and_counted(tmp_path, fmt):
     writer = _write(tmp_path / f"s.{fmt}", x, 44100, fmt)
     assert writer.clip.samples == int(np.count_nonzero(np.abs(x) > 1))
     assert writer.clip.peak == pytest.approx(1.5, abs=1e-3)
-    y, _ = audio.decode(tmp_path / f"s.{fmt}")
+    y, _ = decode(tmp_path / f"s.{fmt}")
     assert np.max(np.abs(y)) < 1.25  # clipped at 1; what is left is codec overshoot
 
 
@@ -340,7 +343,7 @@ def test_close_replaces_the_old_file(tmp_path):
     target.write_bytes(b"old")
     compressed.write(target, _signal(48000, 4800, 2), 48000, "opus")
     assert _left_behind(tmp_path) == ["s.opus"]
-    assert audio.decode(target)[0].shape == (2, 4800)
+    assert decode(target)[0].shape == (2, 4800)
 
 
 # ---------------------------------------------------------------------------------------

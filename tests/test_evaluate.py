@@ -15,7 +15,8 @@ import pytest
 import soundfile
 import stempeg
 
-from stemsep import audio, cli, evaluate
+from stemsep import cli, evaluate
+from stemsep.decode import decode
 from stemsep.testing import TINY_MODEL, config_dict, make_model_files
 
 EXCERPT = Path(stempeg.__file__).parent / "data" / "The Easton Ellises - Falcon 69.stem.mp4"
@@ -46,8 +47,8 @@ def framewise_median_sdr(s: np.ndarray, e: np.ndarray) -> float:
 def excerpt(tmp_path_factory):
     """The excerpt's mixture and vocals, and the same track as MUSDB18 and MUSDB18-HQ datasets."""
     root = tmp_path_factory.mktemp("musdb")
-    mixture, info = audio.decode(EXCERPT, evaluate.MUSDB_STREAMS["mixture"])
-    vocals, _ = audio.decode(EXCERPT, evaluate.MUSDB_STREAMS["vocals"])
+    mixture, info = decode(EXCERPT, evaluate.MUSDB_STREAMS["mixture"])
+    vocals, _ = decode(EXCERPT, evaluate.MUSDB_STREAMS["vocals"])
     assert info.sample_rate == RATE and mixture.shape == vocals.shape == (2, 268288)
     (root / "musdb18" / "test").mkdir(parents=True)
     shutil.copy(EXCERPT, root / "musdb18" / "test" / EXCERPT.name)
@@ -286,7 +287,7 @@ def four_stems(tmp_path_factory):
     """A MUSDB18-HQ-style track of the excerpt's first 3 s: the four stems, and their sum as
     the mixture, as float WAVs (so the references read back exactly)."""
     root = tmp_path_factory.mktemp("musdb4")
-    stems = {s: audio.decode(EXCERPT, evaluate.MUSDB_STREAMS[s])[0][:, :FOUR_SECONDS] for s in FOUR}
+    stems = {s: decode(EXCERPT, evaluate.MUSDB_STREAMS[s])[0][:, :FOUR_SECONDS] for s in FOUR}
     mixture = sum(stems[s] for s in FOUR).astype(np.float32)
     folder = root / "test" / TRACK
     write_float_wav(folder / "mixture.wav", mixture)
@@ -323,8 +324,7 @@ def ceiling(s: np.ndarray) -> float:
 def test_four_stem_estimates_are_scored_on_each_musdb_stem_reading_only_the_files_needed(four_stems, monkeypatch):
     tracks = evaluate.find_tracks(four_stems["root"])
     decoded = []
-    decode = evaluate.audio.decode
-    monkeypatch.setattr(evaluate.audio, "decode", lambda path, stream=0: decoded.append(Path(path).name) or decode(path, stream))
+    monkeypatch.setattr(evaluate, "decode", lambda path, stream=0: decoded.append(Path(path).name) or decode(path, stream))
     truth = four_stems["stems"]
 
     def true_stems(track, mixture, sample_rate):  # a 4-stem model's output order, MUSDB's

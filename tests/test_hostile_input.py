@@ -38,7 +38,7 @@ import soundfile
 from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
 
-from stemsep.audio import decode, display_name
+from stemsep.decode import decode, display_name
 from stemsep.errors import ClippingWarning, StemsepError
 from stemsep.separator import Separator
 from stemsep.testing import FAST_CONFIG, av_encode, make_model_files, tones

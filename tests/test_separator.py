@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from stemsep import audio
+from stemsep.decode import decode
+from stemsep.pcm import AudioWriter
 from stemsep.errors import (
     AudioDecodeError,
     AudioEncodeError,
@@ -98,14 +99,14 @@ def sha256(path):
 def test_pass_through_files_keep_rate_length_channels_and_samples(models, tmp_path, name, subtype, fmt):
     rate = 48000 if fmt == "OGG" else 44100
     source = write_input(tmp_path / name, tones(rate, rate, 2), rate, subtype, fmt)
-    mix, info = audio.decode(source)
+    mix, info = decode(source)
     before = sha256(source)
     paths = models["pass"].separate(source, tmp_path)
     assert paths == {"vocals": tmp_path / "song_vocals.wav", "instrumental": tmp_path / "song_instrumental.wav"}
     assert sha256(source) == before  # the input is never modified
     expected_bits = {"PCM_16": 16, "PCM_24": 24, "PCM_U8": 16, "PCM_32": 32, "FLOAT": 32}.get(subtype, 16)
     for stem, expected in [("vocals", mix), ("instrumental", np.zeros_like(mix))]:
-        out, out_info = audio.decode(paths[stem])
+        out, out_info = decode(paths[stem])
         assert (out_info.sample_rate, out_info.channels, out_info.frames) == (info.sample_rate, info.channels, info.frames)
         assert out_info.bits == expected_bits
         lsb = 2.0 ** -(expected_bits - 1) if expected_bits < 32 else 1e-6
@@ -206,14 +207,14 @@ def test_an_output_folder_that_is_a_file_is_one_clear_sentence(models, tmp_path)
 
 def test_a_failed_second_stem_removes_the_first(models, tmp_path, monkeypatch):
     source = write_input(tmp_path / "song.wav", tones(44100, 44100, 2), 44100, "PCM_16")
-    real_close = audio.AudioWriter.close
+    real_close = AudioWriter.close
 
     def failing_close(writer):
         if "instrumental" in writer.path:
             raise AudioEncodeError("disk full")
         return real_close(writer)
 
-    monkeypatch.setattr(audio.AudioWriter, "close", failing_close)
+    monkeypatch.setattr(AudioWriter, "close", failing_close)
     with pytest.raises(AudioEncodeError, match="disk full"):
         models["pass"].separate(source, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["song.wav"]
@@ -304,7 +305,7 @@ def test_compressed_stems_decode_aligned_at_the_input_length(models, tmp_path, f
     source = write_input(tmp_path / "song.wav", mix, rate, "PCM_24")
     paths = models["pass"].separate(source, tmp_path / "out", output_format=fmt)
     assert sorted(p.name for p in paths.values()) == [f"song_instrumental.{fmt}", f"song_vocals.{fmt}"]
-    vocals, info = audio.decode(paths["vocals"])
+    vocals, info = decode(paths["vocals"])
     assert (info.sample_rate, vocals.shape) == (rate, mix.shape)
     noise = vocals - mix
     value = 10 * np.log10(np.sum(mix.astype(np.float64) ** 2) / np.sum(noise.astype(np.float64) ** 2))

@@ -12,8 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from stemsep.audio import OUTPUT_FORMATS
-from stemsep.compressed import COMPRESSED_FORMATS
+from stemsep.choices import BIT_DEPTHS, COMPRESSED_FORMATS, DEFAULT_BIT_DEPTH, DEFAULT_FORMAT, OUTPUT_FORMATS
 from stemsep.errors import StemsepError
 
 
@@ -70,12 +69,12 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
                    help="audio files (any common format) or folders (every audio file under them, in name order)")
     p.add_argument("-o", "--output-dir", type=Path, default=Path("separated"),
                    help="where to write the stems; a folder's structure is mirrored under it (default: separated/)")
-    p.add_argument("--format", default="wav", choices=[*OUTPUT_FORMATS, *COMPRESSED_FORMATS],
-                   help="output format (default: wav). Lossy formats (mp3, m4a, opus) cannot keep the stems "
+    p.add_argument("--format", default=DEFAULT_FORMAT, choices=OUTPUT_FORMATS,
+                   help=f"output format (default: {DEFAULT_FORMAT}). Lossy formats ({', '.join(COMPRESSED_FORMATS)}) cannot keep the stems "
                         "adding up to the mix exactly; opus is always 48 kHz")
     p.add_argument("--bitrate", type=int, metavar="KBPS", help="bitrate of mp3/m4a/opus output (default: per format)")
-    p.add_argument("--bit-depth", default="auto", choices=["auto", "16", "24", "32"],
-                   help="wav/flac sample format: auto keeps the input's precision; 32 = float WAV (default: auto)")
+    p.add_argument("--bit-depth", default=DEFAULT_BIT_DEPTH, choices=[str(depth) for depth in BIT_DEPTHS],
+                   help=f"wav/flac sample format: auto keeps the input's precision; 32 = float WAV (default: {DEFAULT_BIT_DEPTH})")
     p.add_argument("--stems", type=lambda v: [s.strip() for s in v.split(",") if s.strip()], metavar="NAMES",
                    help="comma-separated stems to write, e.g. vocals (default: all of the model's)")
     _add_model_options(p)

@@ -1,6 +1,6 @@
 """Compressed stems: MP3, AAC in M4A and Opus in Ogg, encoded through PyAV's bundled FFmpeg.
 
-:class:`CompressedWriter` has the interface of :class:`stemsep.audio.AudioWriter`: float32
+:class:`CompressedWriter` has the interface of :class:`stemsep.pcm.AudioWriter`: float32
 blocks shaped (channels, n) go in through `write`, `close` moves the finished file into
 place, `abort` (or any failure) leaves nothing behind, and it is a context manager. The data
 goes to a hidden `.<name>.<random>.part` file beside the target (:func:`stemsep.files.part_path`),
@@ -38,7 +38,7 @@ per frame (264 kbit/s per channel at 44.1 kHz), for Opus 6 up to 256 per channel
 
 Sample rates. Opus has no 44.1 kHz mode, and Opus decoders (FFmpeg's included) always give
 48 kHz: Opus stems are written at 48 kHz, resampled with soxr HQ
-(:class:`stemsep.audio.StreamResampler`); a decoded Opus stem is 48 kHz and
+(:class:`stemsep.resample.StreamResampler`); a decoded Opus stem is 48 kHz and
 `resampled_length(n, rate, 48000)` long, and a caller that needs the input's rate resamples
 back (which gives the input's length within a sample, and no delay). MP3 and AAC keep the
 input's rate when the codec has it; otherwise (MP3 above 48 kHz, AAC above 96 kHz, or an
@@ -72,7 +72,7 @@ padding, so a decoder that honours it returns the input sample for sample, align
   as timescale (FFmpeg's default of 1000 rounds the end up to the next millisecond, up to
   44 samples more at 44.1 kHz).
 
-:func:`stemsep.audio.decode` returns exactly the input's length for all three (Opus at
+:func:`stemsep.decode.decode` returns exactly the input's length for all three (Opus at
 48 kHz). FFmpeg by itself (libavformat, hence the `ffmpeg` CLI) applies MP3's and Opus's
 trimming but not the end of an M4A edit list, and so keeps the last AAC frame's padding:
 (-n) mod 1024 extra samples of near-silence at the end, never more than 1023.
@@ -80,7 +80,7 @@ Limits seen: MP3 files of a few frames (under ~0.1 s) can fail FFmpeg's content 
 at 8-24 kHz an MP3 of under 47 samples decodes 529 samples long.
 
 Levels. Samples beyond full scale are clipped to +-1 and counted in `clip` (a
-:class:`stemsep.audio.ClipReport`), as the 16/24-bit PCM writer does; players would clip
+:class:`stemsep.pcm.ClipReport`), as the 16/24-bit PCM writer does; players would clip
 them anyway. Lossy coding itself can overshoot full scale on decoding (ringing around loud
 peaks); that happens in the decoder and is not counted. NaN or infinite samples are
 refused. A writer closed without samples leaves a file with no audio frames, which
@@ -99,20 +99,12 @@ from typing import Any
 import av
 import numpy as np
 
-from stemsep.audio import (
-    MAX_SAMPLE_RATE,
-    MIN_SAMPLE_RATE,
-    ClipReport,
-    EncodingWriter,
-    StreamResampler,
-    _ffmpeg_quiet,
-    display_name,
-    open_part_file,
-)
+from stemsep.choices import COMPRESSED_FORMATS, parse_format
+from stemsep.decode import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, display_name, ffmpeg_quiet
 from stemsep.errors import AudioEncodeError
 from stemsep.files import commit_part
-
-COMPRESSED_FORMATS = ("mp3", "m4a", "opus")
+from stemsep.pcm import ClipReport, EncodingWriter, open_part_file
+from stemsep.resample import StreamResampler
 
 
 @dataclass(frozen=True)
@@ -159,10 +151,7 @@ def _lame_gain(kbps: int) -> float:
 
 
 def _parse_format(format: str) -> str:
-    fmt = format.strip().lower() if isinstance(format, str) else format
-    if fmt not in _CODECS:
-        raise AudioEncodeError(f"compressed format {format!r} is not one of {', '.join(COMPRESSED_FORMATS)}")
-    return fmt
+    return parse_format(format, COMPRESSED_FORMATS, kind="compressed")
 
 
 def output_rate(format: str, sample_rate: int) -> int:
@@ -263,7 +252,7 @@ class CompressedWriter(EncodingWriter):
     `sample_rate` and `channels` describe the blocks written; the file may be written at
     another rate (`output_rate`, see the module docstring). `bitrate_kbps` None takes the
     format's default (`settings.bitrate_kbps` says which). `expected_frames` is accepted for
-    :class:`stemsep.audio.AudioWriter`'s interface and not needed. Blocks are float
+    :class:`stemsep.pcm.AudioWriter`'s interface and not needed. Blocks are float
     (channels, n); samples beyond full scale are clipped and counted in `clip`.
     """
 
@@ -309,7 +298,7 @@ class CompressedWriter(EncodingWriter):
         s = self.settings
         codec = _CODECS[s.format]
         options = {"movie_timescale": str(s.output_rate)} if s.format == "m4a" else {}
-        with _ffmpeg_quiet():
+        with ffmpeg_quiet():
             self._container = av.open(self._file, "w", format=codec.muxer, options=options)
             stream = self._container.add_stream(s.encoder, rate=s.output_rate)
             cc = stream.codec_context
@@ -390,7 +379,7 @@ class CompressedWriter(EncodingWriter):
             frame.time_base = Fraction(1, self.output_rate)
             frame.pts = self._pts
             self._pts += n
-        with _ffmpeg_quiet():
+        with ffmpeg_quiet():
             packets = self._stream.encode(frame)
             self._container.mux(packets)
 
@@ -407,7 +396,7 @@ class CompressedWriter(EncodingWriter):
             else:
                 self._feed(np.zeros((self.channels, 0), np.float32), last=True)
             self._encode(None)  # drain the encoder
-            with _ffmpeg_quiet():
+            with ffmpeg_quiet():
                 self._container.close()  # the trailer
             self._container = None
             if self.settings.format == "mp3":
@@ -424,7 +413,7 @@ class CompressedWriter(EncodingWriter):
         self._closed = True
         if self._container is not None:
             container, self._container = self._container, None
-            with contextlib.suppress(Exception), _ffmpeg_quiet():
+            with contextlib.suppress(Exception), ffmpeg_quiet():
                 container.close()
         if self._file is not None:
             with contextlib.suppress(OSError):

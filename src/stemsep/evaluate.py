@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from stemsep import audio
+from stemsep.decode import decode
 from stemsep.errors import EvaluationError
 from stemsep.files import atomic_file
 
@@ -170,7 +170,7 @@ class Track:
 
     def load_mixture(self) -> tuple[np.ndarray, int]:
         """(mixture float32 (channels, samples), sample rate)."""
-        mixture, info = audio.decode(self.mixture, self.streams.get("mixture", 0))
+        mixture, info = decode(self.mixture, self.streams.get("mixture", 0))
         return mixture, info.sample_rate
 
     def check(self, stems: Iterable[str]) -> None:
@@ -192,7 +192,7 @@ class Track:
         mixture = np.asarray(mixture, dtype=np.float64)
         loaded: dict[str, np.ndarray] = {}
         for source in dict.fromkeys(_source_of(s) for s in stems):
-            x, info = audio.decode(self.sources[source], self.streams.get(source, 0))
+            x, info = decode(self.sources[source], self.streams.get(source, 0))
             if (info.sample_rate, x.shape) != (sample_rate, mixture.shape):
                 raise EvaluationError(
                     f"{self.name}: the {source} ({info.sample_rate} Hz, {x.shape[0]} ch, {x.shape[1]} samples) do not match "
@@ -333,7 +333,7 @@ def find_estimates(directory: str | Path, track: str) -> dict[str, Path]:
 def load_estimate(path: Path, reference: np.ndarray, sample_rate: int) -> np.ndarray:
     """An estimate file as float32 (channels, samples); it must match the reference's rate,
     channel count and length exactly (nothing is resampled, padded or cut)."""
-    x, info = audio.decode(path)
+    x, info = decode(path)
     ref_channels, ref_samples = reference.shape
     if info.sample_rate != sample_rate:
         raise EvaluationError(f"is {info.sample_rate} Hz but the reference is {sample_rate} Hz; resample it first", file=str(path))

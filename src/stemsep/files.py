@@ -84,7 +84,18 @@ class AllOrNothing:
             self.abort()
 
 
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """An exception's first line of text (its class name if it has none), at most `limit` characters."""
-    lines = str(exc).strip().splitlines()
-    return lines[0][:limit] if lines else type(exc).__name__
+def first_line(what: BaseException | str, limit: int | None = 200) -> str:
+    """The first line of an exception's text, or of a string, at most `limit` characters (None:
+    all of it); leading blank lines are skipped. An exception without text gives its class
+    name, empty text ""."""
+    lines = str(what).strip().splitlines()
+    if lines:
+        return lines[0][:limit]
+    return type(what).__name__ if isinstance(what, BaseException) else ""
+
+
+def reason(exc: BaseException) -> str:
+    """Why an OS or encoder call failed, for a message in parentheses: the error's own
+    description (`strerror`, without the errno and file name) where it has one, else its
+    first line; no final period."""
+    return first_line(getattr(exc, "strerror", None) or exc, limit=None).rstrip(".")

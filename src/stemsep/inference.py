@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stemsep import audio
+from stemsep.resample import StreamResampler, resampled_length
 from stemsep.errors import AudioDecodeError, StemsepError
 
 ProgressCallback = Callable[[int, int], None]  # (chunks done, chunks total)
@@ -459,9 +459,9 @@ def separate_song(
     song shorter than `min_samples` at the model's rate raises AudioDecodeError.
     """
     pad_wanted = 0 if sample_rate == model_rate else round(RESAMPLE_PAD_S * sample_rate)
-    to_model = audio.StreamResampler(sample_rate, model_rate, channels)
-    to_input = audio.StreamResampler(model_rate, sample_rate, stems * channels)
-    expected = expected_length and audio.resampled_length(expected_length + 2 * pad_wanted, sample_rate, model_rate)
+    to_model = StreamResampler(sample_rate, model_rate, channels)
+    to_input = StreamResampler(model_rate, sample_rate, stems * channels)
+    expected = expected_length and resampled_length(expected_length + 2 * pad_wanted, sample_rate, model_rate)
     chunks = StreamingSeparation(
         run, groups=-(-channels // width), channels=width, chunk=chunk, overlap=overlap, stems=stems,
         batch_size=batch_size, on_progress=on_progress, expected_length=expected,
@@ -511,7 +511,7 @@ def separate_song(
         tail = np.concatenate([tail, block], axis=-1)[:, -(pad + 1) :]
         yield from deliver(network(block), received)
 
-    if audio.resampled_length(received, sample_rate, model_rate) < min_samples:
+    if resampled_length(received, sample_rate, model_rate) < min_samples:
         raise AudioDecodeError(
             f"audio is too short to separate ({received} samples at {sample_rate} Hz; "
             f"need at least {min_samples / model_rate * 1000:.0f} ms)"

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stemsep import audio, catalogue
+from stemsep import catalogue
 from stemsep.checkpoint import Config, load_config, load_model
 from stemsep.compilation import BackgroundCompile, use_compile_cache
-from stemsep.compressed import COMPRESSED_FORMATS, encode_settings
+from stemsep.choices import DEFAULT_BIT_DEPTH, DEFAULT_FORMAT
+from stemsep.decode import AudioReader
+from stemsep.encode import StemWriter, stem_encoding
 from stemsep.errors import (
     AudioDecodeError,
     AudioEncodeError,
@@ -95,8 +97,8 @@ class _Separation:
         self,
         input_path: str | Path,
         output_dir: str | Path,
-        output_format: str = "wav",
-        bit_depth: str | int = "auto",
+        output_format: str = DEFAULT_FORMAT,
+        bit_depth: str | int = DEFAULT_BIT_DEPTH,
         overlap: int | None = None,
         on_progress: ProgressCallback | None = None,
         name: str | None = None,
@@ -125,18 +127,10 @@ class _Separation:
         wanted = self.chosen_stems(stems)
         _make_output_dir(output_dir)
         limit = max_duration_s or float(os.environ.get("STEMSEP_MAX_DURATION_S", DEFAULT_MAX_DURATION_S))
-        reader = audio.AudioReader(input_path, max_duration_s=limit)
+        reader = AudioReader(input_path, max_duration_s=limit)
         sample_rate, channels = reader.header.sample_rate, reader.header.channels
-        ext = output_format.strip().lower() if isinstance(output_format, str) else output_format
-        frames = reader.estimated_frames
-        if ext in COMPRESSED_FORMATS:
-            subtype, encoding = None, encode_settings(ext, sample_rate, channels, bitrate_kbps)
-            stem_bytes = encoding.estimated_bytes(frames or 0)
-        else:
-            if bitrate_kbps is not None:
-                raise AudioEncodeError(f"a bitrate applies to {', '.join(COMPRESSED_FORMATS)} output, not {ext}")
-            subtype = audio.output_subtype(reader.header, ext, bit_depth)
-            stem_bytes = (frames or 0) * channels * audio.bytes_per_sample(subtype)
+        encoding = stem_encoding(reader.header, output_format, bit_depth, bitrate_kbps)
+        ext, frames = encoding.format, reader.estimated_frames
         if frames and frames / reader.header.sample_rate > limit:
             raise AudioDecodeError(
                 f"{_clock(frames / reader.header.sample_rate)} long, over the {_clock(limit)} limit (STEMSEP_MAX_DURATION_S)",
@@ -144,15 +138,14 @@ class _Separation:
             )
         name = name or _fit_name(input_path.stem, ext, self.stems)
         paths = {stem: output_dir / f"{name}_{stem}.{ext}" for stem in wanted}
-        _check_free_space(output_dir, len(paths) * stem_bytes)
+        _check_free_space(output_dir, len(paths) * encoding.estimated_bytes(frames or 0, channels))
 
         heard = False
-        with audio.StemWriter(paths, sample_rate, channels, subtype, ext, bitrate_kbps=bitrate_kbps,
-                              expected_frames=frames) as writer:
+        with StemWriter(paths, sample_rate, channels, encoding, expected_frames=frames) as writer:
             try:
                 for mix, estimates in self._song(reader.blocks(), sample_rate, channels, overlap, on_progress, frames, tta):
                     heard = heard or bool(np.any(mix))
-                    writer.write(*stem_samples(self.layout, mix, estimates, subtype))
+                    writer.write(*stem_samples(self.layout, mix, estimates, encoding.subtype))
             except AudioDecodeError as exc:
                 if exc.file is not None:
                     raise

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stemsep.audio import PCM_BITS, ClipReport, quantize
+from stemsep.pcm import PCM_BITS, ClipReport, quantize
 
 
 @dataclass(frozen=True)

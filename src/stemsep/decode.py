@@ -1,4 +1,4 @@
-"""The file boundary: decode any audio file, resample, and encode stems exactly.
+"""Decode any audio file: the first step of a separation.
 
 Decoding goes through PyAV (FFmpeg), which recognises the format from the file's content
 (never from its name) and stays silent on stderr. Samples come out as float32 shaped
@@ -6,12 +6,7 @@ Decoding goes through PyAV (FFmpeg), which recognises the format from the file's
 which is unsigned, is `(u - 128) / 128`), so 16- and 24-bit sources are recovered exactly
 by `round(x * 2**(b-1))`; float sources pass through. Decoding is built on a block
 iterator (`AudioReader.blocks`) so long files can be streamed; `decode` collects it.
-
-Resampling uses soxr at high quality, one-shot (`resample`) or block by block
-(`StreamResampler`, identical output). Encoding writes WAV or FLAC through soundfile,
-quantizing floats to integers ourselves (round half to even, clipping counted in a
-`ClipReport`, never silent), into a hidden temporary file that is renamed over the target
-only when complete. This module knows nothing about the model.
+This module knows nothing about the model.
 """
 
 from __future__ import annotations
@@ -21,19 +16,16 @@ import dataclasses
 import os
 import re
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import av
 import av.logging
 import numpy as np
-import soundfile
-import soxr
 
-from stemsep.errors import AudioDecodeError, AudioEncodeError, NotAudioError
-from stemsep.files import AllOrNothing, commit_part, part_path
+from stemsep.errors import AudioDecodeError, NotAudioError
+from stemsep.files import reason
 
 # ---------------------------------------------------------------------------------------
 # limits
@@ -78,7 +70,7 @@ class AudioInfo:
 
 
 @contextlib.contextmanager
-def _ffmpeg_quiet() -> Iterator[None]:
+def ffmpeg_quiet() -> Iterator[None]:
     """FFmpeg logging off for the duration (PyAV's default; someone may have turned it on)."""
     level = av.logging.get_level()
     if level is None:
@@ -236,14 +228,14 @@ class AudioReader:
         """Open the container and select the audio stream, checking the header."""
         name = self.name
         try:
-            with _ffmpeg_quiet():
+            with ffmpeg_quiet():
                 container = av.open(self.path, mode="r", metadata_errors="replace")  # tags need not be UTF-8
         except av.error.InvalidDataError:
             raise NotAudioError("not an audio file (unrecognised or damaged data)", file=name) from None
         except av.error.PermissionError:
             raise AudioDecodeError("cannot be read (permission denied)", file=name) from None
         except (av.error.FFmpegError, OSError) as exc:
-            raise AudioDecodeError(f"cannot be opened ({_reason(exc)})", file=name) from None
+            raise AudioDecodeError(f"cannot be opened ({reason(exc)})", file=name) from None
         try:
             streams = container.streams.audio
             if not streams:
@@ -307,7 +299,7 @@ class AudioReader:
             target = self._start + self._stated_frames - round(_TAIL_WINDOW_S * self.sample_rate)
             if target > self._start:
                 try:
-                    with _ffmpeg_quiet():
+                    with ffmpeg_quiet():
                         container.seek(round(target / self.sample_rate / st.time_base), stream=st, backward=True)
                 except av.error.FFmpegError:
                     return None
@@ -329,7 +321,7 @@ class AudioReader:
         packets = container.demux(st)
         while True:
             try:
-                with _ffmpeg_quiet():
+                with ffmpeg_quiet():
                     packet = next(packets)
             except StopIteration:
                 return
@@ -339,7 +331,7 @@ class AudioReader:
                 return  # a container that breaks off: keep what came before
             frames = []
             try:
-                with _ffmpeg_quiet():
+                with ffmpeg_quiet():
                     frames = st.decode(packet)
             except av.error.FFmpegError:
                 if count_damage:
@@ -401,11 +393,6 @@ class AudioReader:
             self._info = dataclasses.replace(self.header, frames=total)
 
 
-def _reason(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
-    return text.splitlines()[0].rstrip(".")
-
-
 def probe(path: str | os.PathLike[str], stream: int = 0) -> AudioInfo:
     """Describe one audio stream of a file, with its exact frame count.
 
@@ -423,363 +410,3 @@ def decode(path: str | os.PathLike[str], stream: int = 0) -> tuple[np.ndarray, A
     return x, reader.info
 
 
-# ---------------------------------------------------------------------------------------
-# resampling
-
-
-def resampled_length(n: int, from_rate: int, to_rate: int) -> int:
-    """Samples `resample` returns for `n` input samples: n * to / from rounded half up, computed
-    as soxr does in double precision (so 240 samples 48 k -> 44.1 k give 220, not 220.5 -> 221)."""
-    return n if from_rate == to_rate else int(n / (from_rate / to_rate) + 0.5)
-
-
-def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    """(channels, n) at `from_rate` -> (channels, resampled_length(n, ...)) at `to_rate`.
-
-    soxr "HQ" (band-limited, linear phase, delay compensated). Equal rates return `x` itself.
-    """
-    if from_rate == to_rate:
-        return x
-    y = soxr.resample(np.ascontiguousarray(x.T), from_rate, to_rate, quality="HQ")  # (n', channels)
-    return np.ascontiguousarray(y.T)
-
-
-class StreamResampler:
-    """`resample` block by block: feed (channels, n) blocks to `process`, then call `flush`.
-
-    The concatenated output equals `resample` of the whole signal (soxr's stream and
-    one-shot paths are the same engine; measured identical to the last bit).
-    """
-
-    def __init__(self, from_rate: int, to_rate: int, channels: int, dtype: Any = np.float32):
-        self.from_rate, self.to_rate, self.channels = from_rate, to_rate, channels
-        self.dtype = np.dtype(dtype)
-        self._stream = None
-        if from_rate != to_rate:
-            self._stream = soxr.ResampleStream(from_rate, to_rate, channels, dtype=self.dtype.name, quality="HQ")
-
-    def process(self, block: np.ndarray) -> np.ndarray:
-        """(channels, n) in -> (channels, m) out; m varies, the filter delay is held back."""
-        return self._run(block, last=False)
-
-    def flush(self) -> np.ndarray:
-        """The rest of the output, after the last block."""
-        return self._run(np.zeros((self.channels, 0), self.dtype), last=True)
-
-    def _run(self, block: np.ndarray, last: bool) -> np.ndarray:
-        if block.ndim != 2 or block.shape[0] != self.channels:
-            raise ValueError(f"expected a ({self.channels}, n) block, got shape {block.shape}")
-        if self._stream is None:
-            return block
-        y = self._stream.resample_chunk(np.ascontiguousarray(block.T, dtype=self.dtype), last=last)  # (m, channels)
-        return np.ascontiguousarray(y.T)
-
-
-# ---------------------------------------------------------------------------------------
-# encoding
-
-OUTPUT_FORMATS = ("wav", "flac")
-BIT_DEPTHS = ("auto", 16, 24, 32)
-PCM_BITS = {"PCM_16": 16, "PCM_24": 24}
-_FLOAT_SUBTYPE = "FLOAT"
-
-
-def _parse_bit_depth(bit_depth: str | int) -> str | int:
-    if isinstance(bit_depth, str) and bit_depth.strip().isdigit():
-        bit_depth = int(bit_depth)
-    if isinstance(bit_depth, str):
-        bit_depth = bit_depth.strip().lower()
-    if isinstance(bit_depth, bool) or bit_depth not in BIT_DEPTHS:
-        raise AudioEncodeError(f"bit depth {bit_depth!r} is not one of auto, 16, 24, 32")
-    return bit_depth
-
-
-def _parse_format(output_format: str) -> str:
-    fmt = output_format.strip().lower() if isinstance(output_format, str) else output_format
-    if fmt not in OUTPUT_FORMATS:
-        raise AudioEncodeError(f"output format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
-    return fmt
-
-
-def output_subtype(info: AudioInfo, output_format: str, bit_depth: str | int = "auto") -> str:
-    """The soundfile subtype ("PCM_16", "PCM_24", "FLOAT") for writing stems of `info`'s file.
-
-    32 means 32-bit float WAV (FLAC has no float). "auto" keeps the input's precision:
-    16/24-bit stay, 8-bit becomes 16, 32-bit int and float become float WAV or 24-bit FLAC,
-    lossy input becomes 16.
-    """
-    fmt = _parse_format(output_format)
-    depth = _parse_bit_depth(bit_depth)
-    if depth == "auto":
-        if not info.lossless or info.bits is None:
-            depth = 16
-        elif info.is_float or info.bits > 24:
-            depth = 32 if fmt == "wav" else 24
-        else:
-            depth = 16 if info.bits <= 16 else 24
-    if depth == 32:
-        if fmt == "flac":
-            raise AudioEncodeError("bit depth 32 (float) is not available for FLAC; choose 16 or 24, or WAV")
-        return _FLOAT_SUBTYPE
-    return f"PCM_{depth}"
-
-
-def bytes_per_sample(subtype: str) -> int:
-    """Bytes one sample of `subtype` takes uncompressed (an upper bound for FLAC)."""
-    return PCM_BITS[subtype] // 8 if subtype in PCM_BITS else 4
-
-
-@dataclass(frozen=True)
-class ClipReport:
-    """What quantizing did to out-of-range samples: how many were clipped, the peak |x| seen."""
-
-    samples: int = 0  # individual samples (all channels) set to the integer range's limit
-    peak: float = 0.0  # largest |x| in full-scale units (1.0 = full scale)
-
-    def __add__(self, other: ClipReport) -> ClipReport:
-        return ClipReport(self.samples + other.samples, max(self.peak, other.peak))
-
-
-def quantize(x: np.ndarray, bits: int) -> tuple[np.ndarray, ClipReport]:
-    """float -> integers: rint(x * 2**(bits-1)) (half to even), clipped to the b-bit range.
-
-    Returns int16 for 16 bits, int32 for 24 (the 24-bit value, not shifted), and the
-    `ClipReport` of what was clipped. Inverse of decoding for values that came from b-bit
-    integers. Scaling by a power of two is exact in float32, so x's dtype is kept.
-    """
-    if bits not in (16, 24):
-        raise ValueError(f"quantize supports 16 or 24 bits, got {bits}")
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"quantize expects floats, got {x.dtype}")
-    scale = 2.0 ** (bits - 1)
-    lo, hi = -scale, scale - 1
-    y = np.rint(x * x.dtype.type(scale))
-    if np.isnan(y).any():
-        raise ValueError("cannot quantize NaN samples")
-    clipped = int(np.count_nonzero((y < lo) | (y > hi)))
-    np.clip(y, lo, hi, out=y)
-    peak = float(np.max(np.abs(x))) if x.size else 0.0
-    return y.astype(np.int16 if bits == 16 else np.int32), ClipReport(clipped, peak)
-
-
-def open_part_file(path: str, name: str, flags: int) -> tuple[str, int]:
-    """Create the hidden temporary file a writer fills for `path` (see
-    :func:`stemsep.files.part_path`) and open it with `flags`; (its path, the descriptor).
-    A missing or unwritable folder is an AudioEncodeError naming `name`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        what = "is not a directory" if os.path.exists(directory) else "does not exist"
-        raise AudioEncodeError(f"cannot be written because the output directory {directory} {what}", file=name)
-    tmp = os.fspath(part_path(Path(directory) / os.path.basename(path)))
-    try:
-        return tmp, os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
-    except OSError as exc:
-        raise AudioEncodeError(f"cannot be written into {directory} ({_reason(exc)})", file=name) from None
-
-
-class EncodingWriter(AllOrNothing):
-    """A stem writer's failure policy: any failure inside `_aborting_on_error` aborts the
-    file, and the encoder's own errors (`write_errors`) become one AudioEncodeError sentence
-    naming the file (`name`)."""
-
-    name: str
-    write_errors: tuple[type[BaseException], ...] = (OSError,)
-
-    @contextlib.contextmanager
-    def _aborting_on_error(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except BaseException as exc:
-            self.abort()
-            if isinstance(exc, self.write_errors):
-                raise AudioEncodeError(f"{what} ({_reason(exc)})", file=self.name) from None
-            raise
-
-
-class AudioWriter(EncodingWriter):
-    """Writes a stem block by block, atomically.
-
-    Data goes to a hidden `.<name>.<random>.part` file beside `path`, which replaces `path`
-    only when the writer is closed without error (`with AudioWriter(...) as w:`); any
-    failure removes it, so `path` is either the complete new file or untouched.
-    Float blocks are quantized for PCM subtypes (the clip report accumulates in `clip`);
-    integer blocks are taken as already quantized to the subtype's bits and written as is.
-    WAV data over 4 GiB (`expected_frames`) is written as RF64.
-    """
-
-    write_errors = (soundfile.LibsndfileError, RuntimeError, OSError)
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        sample_rate: int,
-        channels: int,
-        subtype: str,
-        format: str = "wav",
-        *,
-        expected_frames: int | None = None,
-    ):
-        self.path = os.fspath(path)
-        self.name = display_name(os.path.basename(self.path))
-        self.subtype = subtype
-        self.channels = channels
-        self.clip = ClipReport()
-        fmt = _parse_format(format)
-        valid = ("PCM_16", "PCM_24") if fmt == "flac" else ("PCM_16", "PCM_24", _FLOAT_SUBTYPE)
-        if subtype not in valid:
-            choices = ", ".join(valid)
-            raise AudioEncodeError(f"subtype {subtype!r} is not one of {choices} for {fmt.upper()}", file=self.name)
-        sf_format = fmt.upper()
-        if fmt == "wav" and expected_frames is not None:
-            if expected_frames * channels * bytes_per_sample(subtype) > 0xFFFFFFFF - (1 << 16):
-                sf_format = "RF64"
-        self._tmp, fd = open_part_file(self.path, self.name, os.O_WRONLY)
-        self._fd: int | None = fd
-        self._file: soundfile.SoundFile | None = None
-        with self._aborting_on_error("cannot be written"):
-            self._file = soundfile.SoundFile(
-                fd, "w", samplerate=sample_rate, channels=channels, subtype=subtype, format=sf_format, closefd=False
-            )
-
-    def write(self, block: np.ndarray) -> ClipReport:
-        """Append (channels, n) samples; returns this block's clip report."""
-        if self._file is None:
-            raise ValueError(f"{self.name}: the writer is already closed")
-        with self._aborting_on_error("could not be written"):
-            if block.ndim != 2 or block.shape[0] != self.channels:
-                raise ValueError(f"expected a ({self.channels}, n) block, got shape {block.shape}")
-            data, report = self._samples(block)  # (n, channels)
-            self._file.write(data)
-        self.clip += report
-        return report
-
-    def _samples(self, block: np.ndarray) -> tuple[np.ndarray, ClipReport]:
-        bits = PCM_BITS.get(self.subtype)
-        if np.issubdtype(block.dtype, np.integer):
-            if bits is None:
-                raise ValueError(f"integer samples need a PCM subtype, not {self.subtype}")
-            lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-            if block.size and (block.min() < lo or block.max() > hi):
-                raise ValueError(f"integer samples outside the {bits}-bit range")
-            ints = block
-            peak = float(np.max(np.abs(ints.astype(np.int64)))) / (1 << (bits - 1)) if block.size else 0.0
-            report = ClipReport(0, peak)
-        elif np.issubdtype(block.dtype, np.floating):
-            if not np.isfinite(block).all():
-                raise AudioEncodeError("refusing to write NaN or infinite samples", file=self.name)
-            if bits is None:  # float output keeps everything, overs included
-                peak = float(np.max(np.abs(block))) if block.size else 0.0
-                return np.ascontiguousarray(block.T, dtype=np.float32), ClipReport(0, peak)
-            ints, report = quantize(block, bits)
-        else:
-            raise ValueError(f"samples must be float or integer, got {block.dtype}")
-        # libsndfile maps int16 to 16-bit PCM as is, and int32 to 24-bit PCM by its top 24 bits.
-        if bits == 16:
-            return np.ascontiguousarray(ints.T, dtype=np.int16), report
-        return np.ascontiguousarray(ints.T, dtype=np.int32) << 8, report
-
-    def close(self) -> None:
-        """Finish the file and move it into place."""
-        if self._file is None:
-            return
-        with self._aborting_on_error("could not be written"):
-            self._file.close()
-            self._file = None
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-            commit_part(Path(self._tmp), Path(self.path))
-
-    def abort(self) -> None:
-        """Give up: close and remove the temporary file; `path` is left as it was."""
-        if self._file is not None:
-            with contextlib.suppress(Exception):
-                self._file.close()
-            self._file = None
-        self._discard()
-
-    def _discard(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-        with contextlib.suppress(OSError):
-            os.unlink(self._tmp)
-
-
-class StemWriter(AllOrNothing):
-    """Writes several stems of one song side by side, all or nothing.
-
-    One writer per stem (`paths` maps stem names to files): an :class:`AudioWriter` for WAV
-    and FLAC (`subtype` says which sample format), a
-    :class:`stemsep.compressed.CompressedWriter` for MP3, M4A and Opus (`bitrate_kbps`, None
-    for the format's default; `subtype` None). `write` takes a dict of (channels, n) blocks,
-    one per stem. `close` moves every file into place; if
-    any write or close fails, or the writer is left by an exception, no stem stays behind
-    (those already moved into place are removed again), so a song's stems appear together
-    or not at all. `clip` accumulates each stem's clip report.
-    """
-
-    def __init__(
-        self, paths: Mapping[str, os.PathLike[str] | str], sample_rate: int, channels: int, subtype: str | None,
-        format: str = "wav", *, bitrate_kbps: int | None = None, expected_frames: int | None = None,
-    ):
-        from stemsep.compressed import (  # it builds on this module
-            COMPRESSED_FORMATS,
-            CompressedWriter,
-        )
-
-        self.paths = {stem: Path(path) for stem, path in paths.items()}
-        self.clip = {stem: ClipReport() for stem in self.paths}
-        self._writers: dict[str, Any] = {}
-        try:
-            for stem, path in self.paths.items():
-                if format in COMPRESSED_FORMATS:
-                    writer = CompressedWriter(path, sample_rate, channels, format, bitrate_kbps=bitrate_kbps)
-                else:
-                    writer = AudioWriter(path, sample_rate, channels, subtype, format, expected_frames=expected_frames)
-                self._writers[stem] = writer
-        except BaseException:
-            self.abort()
-            raise
-
-    def write(self, blocks: Mapping[str, np.ndarray], clips: Mapping[str, ClipReport] | None = None) -> None:
-        """Append one block per stem; `clips` adds the clip reports of quantizing done before."""
-        for stem, writer in self._writers.items():
-            self.clip[stem] += writer.write(blocks[stem]) + (clips or {}).get(stem, ClipReport())
-
-    def close(self) -> None:
-        done: list[Path] = []
-        try:
-            for stem, writer in self._writers.items():
-                writer.close()
-                done.append(self.paths[stem])
-        except BaseException:
-            for path in done:
-                path.unlink(missing_ok=True)
-            self.abort()
-            raise
-
-    def abort(self) -> None:
-        for writer in self._writers.values():
-            writer.abort()
-
-
-_WRITE_BLOCK = 1 << 18  # frames per soundfile call: bounds the quantizing temporaries
-
-
-def write(
-    path: str | os.PathLike[str], x: np.ndarray, sample_rate: int, subtype: str, format: str = "wav"
-) -> ClipReport:
-    """Write (channels, frames) samples to `path` atomically; returns the clip report.
-
-    Floats are quantized for PCM_16/PCM_24 (clipping counted, never silent) or written as
-    32-bit float for FLOAT; integer arrays are taken as already quantized and stored exactly.
-    """
-    if x.ndim != 2:
-        raise ValueError(f"expected samples shaped (channels, frames), got shape {x.shape}")
-    with AudioWriter(path, sample_rate, x.shape[0], subtype, format, expected_frames=x.shape[1]) as writer:
-        for start in range(0, x.shape[1], _WRITE_BLOCK):
-            writer.write(x[:, start : start + _WRITE_BLOCK])
-    return writer.clip
