@@ -11,61 +11,23 @@ import Replicate from "replicate";
 import type { Prediction } from "replicate";
 import { Webhook } from "standardwebhooks";
 
-/** The default model's outputs, in the order the model returns them. */
-export const DEFAULT_STEMS = ["vocals", "instrumental"] as const;
+import { PredictionError, StemFetchError, StemsepError } from "./errors.js";
+import { type Inputs, type Stems, type TerminalStatus, isTerminal, stemsFromOutput } from "./outputs.js";
 
-/** Statuses after which a prediction never changes again. */
-export const TERMINAL_STATUSES: readonly string[] = ["succeeded", "failed", "canceled", "aborted"];
-
-/** `{ vocals: url, instrumental: url }`, or one entry per stem of the chosen model. */
-export type Stems = Record<string, string>;
+export * from "./errors.js";
+export * from "./outputs.js";
 
 /** A song to separate: a URL, or bytes for the client to upload (up to 100 MB). */
 export type Audio = string | URL | Blob | ArrayBuffer | Uint8Array;
-
-// errors ------------------------------------------------------------------------------------
-
-/** Every error this package throws on purpose; `message` is one sentence. */
-export class StemsepError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "StemsepError";
-  }
-}
-
-/** The prediction could not be created, or it ended in failure, cancellation or abort. */
-export class PredictionError extends StemsepError {
-  readonly predictionId: string | null;
-  readonly status: string | null;
-
-  constructor(message: string, predictionId: string | null = null, status: string | null = null) {
-    super(message);
-    this.name = "PredictionError";
-    this.predictionId = predictionId;
-    this.status = status;
-  }
-}
-
-/** A stem's output URL could not be fetched: it names the stem, the URL and the HTTP status. */
-export class StemFetchError extends StemsepError {
-  readonly stem: string;
-  readonly url: string;
-  readonly status: number | null;
-
-  constructor(stem: string, url: string, status: number | null, detail: string) {
-    super(`${stem}: could not fetch ${url}: ${detail}`);
-    this.name = "StemFetchError";
-    this.stem = stem;
-    this.url = url;
-    this.status = status;
-  }
-}
 
 // settings ----------------------------------------------------------------------------------
 
 /** How to reach Replicate; every field is optional. */
 export interface ClientOptions {
-  /** `owner/name` (its latest version) or `owner/name:version`; default `$REPLICATE_MODEL`. */
+  /**
+   * The Replicate model: `owner/name` (its latest version) or `owner/name:version`; default
+   * `$REPLICATE_MODEL`. The model's own `model` input (which of its models runs) goes in `input`.
+   */
   model?: string;
   /** A client of your own (either `useFileOutput` setting works). Overrides auth/baseUrl/fetch. */
   replicate?: Replicate;
@@ -123,98 +85,6 @@ export function makeClient(options: ClientOptions = {}): Replicate {
 
 // outputs -----------------------------------------------------------------------------------
 
-/**
- * The stem named by an output URL: the model writes `<name>_<stem>.<ext>`, so the stem is
- * what follows the file name's last underscore, before the extension (`my_song_vocals.wav`
- * is `vocals`). `null` for a data URL or a name without that shape.
- */
-export function stemOf(url: string): string | null {
-  if (url.startsWith("data:")) return null;
-  let path: string;
-  try {
-    path = new URL(url).pathname;
-  } catch {
-    path = url.split(/[?#]/, 1)[0] ?? "";
-  }
-  let file = path.slice(path.lastIndexOf("/") + 1);
-  try {
-    file = decodeURIComponent(file);
-  } catch {
-    // keep it encoded
-  }
-  const match = /_([A-Za-z0-9-]+)\.[A-Za-z0-9]{1,8}$/.exec(file);
-  return match ? match[1]!.toLowerCase() : null;
-}
-
-/**
- * One output item as a URL string. Accepts what `replicate.run` gives back: a string (a
- * client with `useFileOutput: false`, or an `http:` URL, which replicate never wraps), a
- * `FileOutput` (whose `.url()` returns a `URL`), or a `URL`.
- */
-export function outputUrl(item: unknown): string {
-  if (typeof item === "string") return item;
-  if (item instanceof URL) return item.href;
-  if (item && typeof (item as { url?: unknown }).url === "function") {
-    const url = (item as { url: () => unknown }).url();
-    if (url instanceof URL) return url.href;
-    if (typeof url === "string") return url;
-  }
-  throw new StemsepError(`the prediction's output holds something other than a URL: ${short(item)}`);
-}
-
-function short(value: unknown): string {
-  let text: string;
-  try {
-    text = JSON.stringify(value) ?? String(value);
-  } catch {
-    text = String(value);
-  }
-  return text.length <= 80 ? text : `${text.slice(0, 77)}...`;
-}
-
-/**
- * The prediction's output as `{stem: url}`.
- *
- * Stems are told apart by file name first: with uploads, Cog lists each URL when its
- * upload completes, so `[vocals, instrumental]` can arrive as `[instrumental, vocals]`.
- * Only when the names do not identify every item (data URLs carry no name) does position
- * decide, and only for the default model's two outputs. `vocals` and `instrumental` come
- * first in the result, then any other stems in output order.
- */
-export function stemsFromOutput(output: unknown): Stems {
-  if (output && typeof output === "object" && !Array.isArray(output) && !isFileLike(output)) {
-    const entries = Object.entries(output as Record<string, unknown>).map(([k, v]) => [k, outputUrl(v)] as const);
-    if (entries.length === 0) throw new StemsepError("the prediction's output is empty");
-    return Object.fromEntries(entries);
-  }
-  if (!Array.isArray(output) || output.length === 0) {
-    throw new StemsepError(`the prediction's output is not a list of stem URLs but ${short(output)}`);
-  }
-  const urls = output.map(outputUrl);
-  const names = urls.map(stemOf);
-  const named = names.every((n) => n !== null) && new Set(names).size === names.length;
-  let pairs: [string, string][];
-  if (named) {
-    pairs = urls.map((url, i) => [names[i]!, url]);
-  } else if (urls.length === DEFAULT_STEMS.length) {
-    pairs = urls.map((url, i) => [DEFAULT_STEMS[i]!, url]);
-  } else {
-    throw new StemsepError(
-      `cannot tell the stems of the prediction's ${urls.length} outputs apart by file name (<name>_<stem>.<ext>): ${short(urls)}`,
-    );
-  }
-  const order = (stem: string) => {
-    const i = (DEFAULT_STEMS as readonly string[]).indexOf(stem);
-    return i === -1 ? DEFAULT_STEMS.length : i;
-  };
-  pairs.sort((a, b) => order(a[0]) - order(b[0]));
-  return Object.fromEntries(pairs);
-}
-
-function isFileLike(value: object): boolean {
-  return value instanceof URL || typeof (value as { url?: unknown }).url === "function";
-}
-
 /** Stop the downloads that `FileOutput` objects start on their own, and ignore their errors. */
 function releaseFileOutputs(output: unknown): void {
   const items = Array.isArray(output) ? output : output && typeof output === "object" ? Object.values(output) : [];
@@ -256,7 +126,7 @@ export function describeError(err: unknown): string {
 }
 
 export interface SeparateOptions extends ClientOptions {
-  /** Other model inputs, e.g. `{ output_format: "flac", overlap: 2 }`. */
+  /** The model inputs but `audio`, whatever their names, e.g. `{ model: "karaoke", output_format: "flac" }`. */
   input?: Record<string, unknown>;
   /** Abort the wait (the prediction is then canceled by the replicate client). */
   signal?: AbortSignal;
@@ -266,7 +136,9 @@ export interface SeparateOptions extends ClientOptions {
 
 /**
  * Run the model on `audio` with `replicate.run` and wait for it. Returns the output URLs
- * by stem: `{ vocals, instrumental }` for the default model. Replicate deletes them an
+ * by stem (`stemsFromOutput`): `{ vocals, instrumental }` for the default model, every
+ * stem returned for another (`input: { model: "karaoke" }`) or for a choice of stems
+ * (`input: { stems: "instrumental" }`). Replicate deletes them an
  * hour after the prediction ends: fetch them soon (`fetchStem`, or `downloadStems` from
  * `stemsep-replicate/node`).
  */
@@ -297,7 +169,7 @@ export async function separate(audio: Audio, options: SeparateOptions = {}): Pro
   releaseFileOutputs(output);
   // replicate.run treats any status but "starting" after its blocking request as finished,
   // so a song still "processing" when the wait runs out comes back with no output: poll on.
-  if (last && !TERMINAL_STATUSES.includes(last.status)) {
+  if (last && !isTerminal(last.status)) {
     last = await poll(client, last, options.pollInterval ?? 1000, options.signal);
     output = last.output;
   }
@@ -305,12 +177,12 @@ export async function separate(audio: Audio, options: SeparateOptions = {}): Pro
     const reason = last.error ? String(last.error) : "no error message";
     throw new PredictionError(`prediction ${last.id} ${last.status}: ${reason}`, last.id, last.status);
   }
-  return stemsFromOutput(output);
+  return stemsFromOutput(output, options.input);
 }
 
 async function poll(client: Replicate, prediction: Prediction, interval: number, signal?: AbortSignal) {
   let current = prediction;
-  while (!TERMINAL_STATUSES.includes(current.status)) {
+  while (!isTerminal(current.status)) {
     if (signal?.aborted) {
       throw new PredictionError(`prediction ${current.id}: aborted while waiting`, current.id, current.status);
     }
@@ -325,14 +197,14 @@ async function poll(client: Replicate, prediction: Prediction, interval: number,
 }
 
 export interface SubmitOptions extends ClientOptions {
-  /** Other model inputs, e.g. `{ output_format: "flac" }`. */
+  /** The model inputs but `audio`, whatever their names, e.g. `{ model: "karaoke" }`. */
   input?: Record<string, unknown>;
   signal?: AbortSignal;
 }
 
 /**
  * Start a prediction on `audio` and return its id without waiting. Replicate POSTs the
- * finished prediction (succeeded, failed or canceled) to `webhookUrl` once; receive it with
+ * finished prediction (whatever its terminal status) to `webhookUrl`; receive it with
  * `createWebhookHandler`.
  */
 export async function submit(audio: Audio, webhookUrl: string | URL, options: SubmitOptions = {}): Promise<string> {
@@ -411,8 +283,8 @@ export async function fetchStem(stem: string, url: string, options: FetchStemOpt
 export interface CompletedPrediction {
   /** The prediction id. */
   id: string;
-  status: "succeeded" | "failed" | "canceled" | "aborted";
-  /** `{stem: url}` for a succeeded prediction, `null` otherwise. */
+  status: TerminalStatus;
+  /** `{stem: url}` (named by `stemsFromOutput`) for a succeeded prediction, `null` otherwise. */
   stems: Stems | null;
   /** The prediction's error (failed), else `null`. */
   error: string | null;
@@ -555,7 +427,7 @@ export function createWebhookHandler(options: WebhookHandlerOptions): (request: 
     if (!prediction || typeof prediction !== "object" || typeof prediction.id !== "string" || typeof prediction.status !== "string") {
       return json(400, { error: "the body is not a prediction object" });
     }
-    if (!TERMINAL_STATUSES.includes(prediction.status)) {
+    if (!isTerminal(prediction.status)) {
       return json(200, { ignored: `status ${prediction.status}` });
     }
     const context = { webhookId, predictionId: prediction.id };
@@ -570,11 +442,11 @@ export function createWebhookHandler(options: WebhookHandlerOptions): (request: 
     if (state === "processing") return json(409, { error: "this delivery is being handled; retry later" });
 
     try {
-      const status = prediction.status as CompletedPrediction["status"];
+      const status = prediction.status;
       const event: CompletedPrediction = {
         id: prediction.id,
         status,
-        stems: status === "succeeded" ? stemsFromOutput(prediction.output) : null,
+        stems: status === "succeeded" ? stemsFromOutput(prediction.output, prediction.input as Inputs) : null,
         error: prediction.error == null ? null : String(prediction.error),
         predictTime: typeof prediction.metrics?.predict_time === "number" ? prediction.metrics.predict_time : null,
         webhookId,

@@ -5,7 +5,9 @@ import { after, afterEach, before, beforeEach, describe, test } from "node:test"
 
 import Replicate from "replicate";
 
-import { PredictionError, StemsepError, separate, stemOf, stemsFromOutput, submit } from "../dist/index.js";
+import {
+  PredictionError, StemsepError, expectedStems, fileStem, knownStems, separate, stemOf, stemsFromOutput, submit,
+} from "../dist/index.js";
 import { FakeReplicate, MODEL, TOKEN } from "./support/fake-replicate.js";
 
 let fake;
@@ -83,11 +85,35 @@ describe("separate", () => {
     assert.ok(fake.api("GET").every((r) => r.path === "/v1/predictions/pred0001"));
   });
 
-  test("every stem of a model with more outputs is returned, by name", async () => {
-    fake.stems = ["drums", "bass", "other", "vocals"];
-    const stems = await separate("https://example.com/c.wav", options);
-    assert.deepEqual(Object.keys(stems), ["vocals", "drums", "bass", "other"]);
+  test("every stem of a model with more outputs is returned, by name, in the model's order", async () => {
+    Object.assign(fake, { stems: ["drums", "bass", "other", "vocals"], order: "swapped" });
+    const stems = await separate("https://example.com/c.wav", { ...options, input: { model: "4stem" } });
+    assert.deepEqual(Object.keys(stems), ["drums", "bass", "other", "vocals"]);
     assert.equal(stems.bass, fileUrl("pred0001", "c_bass.wav"));
+  });
+
+  test("the model input passes through: a karaoke prediction gives its karaoke and other stems", async () => {
+    Object.assign(fake, { stems: ["karaoke", "other"], order: "swapped" });
+    const stems = await separate("https://example.com/song.mp3", { ...options, input: { model: "karaoke" } });
+    assert.deepEqual(stems, { karaoke: fileUrl("pred0001", "song_karaoke.wav"), other: fileUrl("pred0001", "song_other.wav") });
+    assert.deepEqual(JSON.parse(fake.creates()[0].body).input, { model: "karaoke", audio: "https://example.com/song.mp3" });
+  });
+
+  test("one stem chosen gives one stem, named or not", async () => {
+    for (const outputStyle of ["named", "data"]) {
+      Object.assign(fake, { stems: ["instrumental"], outputStyle });
+      const stems = await separate("https://example.com/song.mp3", { ...options, input: { stems: "instrumental" } });
+      assert.deepEqual(Object.keys(stems), ["instrumental"]);
+    }
+  });
+
+  test("unnamed outputs of a model whose order is unknown are refused in one sentence", async () => {
+    Object.assign(fake, { stems: ["left", "right"], outputStyle: "data" });
+    await assert.rejects(separate("https://example.com/d.wav", { ...options, input: { model: "stereo-split" } }), {
+      name: "StemsepError",
+      message: "cannot tell which stem each of the prediction's 2 outputs is: their file names do not say and " +
+        "model 'stereo-split' is not in the catalogue, so its stem order is unknown",
+    });
   });
 
   test("unnamed outputs (data URLs) fall back to the model's order", async () => {
@@ -172,25 +198,60 @@ describe("submit", () => {
   });
 });
 
-describe("naming", () => {
-  test("stemOf takes the part after the file name's last underscore", () => {
+describe("naming (the same rule and cases as stemsep's Python tests)", () => {
+  test("fileStem: the longest known stem, else no_<x> or the part after the last underscore", () => {
+    const cases = [
+      ["song_vocals.WAV", null, "vocals"],
+      ["my_song_drums.flac", null, "drums"],
+      ["my_song_no_guitar.wav", null, "no_guitar"],
+      ["My Song_No_Guitar.wav", null, "no_guitar"],
+      ["my_song_lead_vocals.wav", null, "vocals"],
+      ["my_song_lead_vocals.wav", ["vocals", "lead_vocals"], "lead_vocals"],
+      ["my_song_acoustic_guitar.mp3", ["guitar", "acoustic_guitar", "no_acoustic_guitar"], "acoustic_guitar"],
+      ["my_song_no_acoustic_guitar.mp3", ["guitar", "acoustic_guitar", "no_acoustic_guitar"], "no_acoustic_guitar"],
+      ["no_guitar_karaoke.wav", ["karaoke", "other"], "karaoke"],
+      ["song_other.wav", ["karaoke", "other", "no_karaoke", "no_other"], "other"],
+      ["vocals.wav", ["vocals"], null],
+      ["song_vocals", null, null],
+      ["song_voc@ls.wav", null, null],
+    ];
+    for (const [name, known, stem] of cases) assert.equal(fileStem(name, known), stem, name);
+  });
+
+  test("stemOf reads the URL's file name", () => {
     assert.equal(stemOf("https://replicate.delivery/x/my_song_vocals.WAV?sig=1"), "vocals");
     assert.equal(stemOf("https://replicate.delivery/x/vocals_and_more_instrumental.flac"), "instrumental");
     assert.equal(stemOf("https://replicate.delivery/x/My%20Song_drums.wav"), "drums");
+    assert.equal(stemOf("https://replicate.delivery/x/my%20song_no_guitar.wav"), "no_guitar");
     assert.equal(stemOf("https://replicate.delivery/x/vocals.wav"), null);
     assert.equal(stemOf("https://replicate.delivery/x_vocals.wav/out"), null);
     assert.equal(stemOf("data:audio/wav;base64,AAAA"), null);
   });
 
-  test("stemsFromOutput: names first, position only for two unnamed outputs, else a clear error", () => {
+  test("known and expected stems come from the catalogue's stems", () => {
+    assert.deepEqual(knownStems(), ["vocals", "instrumental", "no_vocals", "no_instrumental"]);
+    assert.deepEqual(expectedStems({ model: "4stem", stems: "vocals,bass" }), ["bass", "vocals"]);
+    assert.equal(knownStems({ model: "x" }), null);
+  });
+
+  test("stemsFromOutput: names first, the documented order only for unnamed outputs, else a clear error", () => {
     const v = "https://a/x/s_vocals.wav";
     const i = "https://a/y/s_instrumental.wav";
     assert.deepEqual(stemsFromOutput([i, v]), { vocals: v, instrumental: i });
+    assert.deepEqual(Object.keys(stemsFromOutput([i, v])), ["vocals", "instrumental"]);
     assert.deepEqual(stemsFromOutput([new URL(i), new URL(v)]), { vocals: v, instrumental: i });
     assert.deepEqual(stemsFromOutput(["https://a/1.wav", "https://a/2.wav"]), { vocals: "https://a/1.wav", instrumental: "https://a/2.wav" });
     assert.deepEqual(stemsFromOutput(["https://a/b_vocals.wav", "https://a/c_vocals.wav"]), { vocals: "https://a/b_vocals.wav", instrumental: "https://a/c_vocals.wav" });
     assert.deepEqual(stemsFromOutput({ vocals: v }), { vocals: v });
-    assert.throws(() => stemsFromOutput(["https://a/1.wav", "https://a/2.wav", "https://a/3.wav"]), /cannot tell the stems/);
-    for (const bad of [null, "https://a/v.wav", [], [1, 2]]) assert.throws(() => stemsFromOutput(bad), StemsepError);
+    const practice = ["https://r/a/my_song_no_guitar.wav", "https://r/b/my_song_guitar.wav"];
+    assert.deepEqual(stemsFromOutput(practice, { model: "some-guitar-model" }), { no_guitar: practice[0], guitar: practice[1] });
+    const data = ["data:audio/wav;base64,AA", "data:audio/wav;base64,BB"];
+    assert.deepEqual(stemsFromOutput(data, { model: "karaoke" }), { karaoke: data[0], other: data[1] });
+    assert.deepEqual(stemsFromOutput(data, { model: "4stem", stems: "vocals, drums" }), { drums: data[0], vocals: data[1] });
+    assert.throws(() => stemsFromOutput(["https://a/1.wav", "https://a/2.wav", "https://a/3.wav"]),
+      /^StemsepError: cannot tell which stem each of the prediction's 3 outputs is: their file names do not say and model '1297' documents 2 of them, not 3$/);
+    for (const bad of [null, "https://a/v.wav", [], [1, 2], ["ftp://a/x_vocals.wav"], { "../x": "https://a/v.wav" }]) {
+      assert.throws(() => stemsFromOutput(bad), StemsepError);
+    }
   });
 });

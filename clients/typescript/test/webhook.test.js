@@ -138,6 +138,27 @@ describe("webhook handler", () => {
     assert.equal(calls.completed.length, 1);
   });
 
+  test("a karaoke prediction's stems are named by the model input it carries", async () => {
+    const { handler, calls } = harness();
+    const output = [`${OUT}/song_other.wav`, `${OUT}/song_karaoke.wav`];
+    const karaoke = prediction({ input: { audio: "https://example.com/song.mp3", model: "karaoke" }, output });
+    assert.equal((await handler(delivery(karaoke))).status, 200);
+    assert.deepEqual(calls.completed[0].stems, { karaoke: output[1], other: output[0] });
+  });
+
+  test("an aborted prediction is terminal: handled once, like a failure", async () => {
+    const failure = [];
+    const { handler, calls } = harness({ onFailure: (event) => failure.push(event) });
+    const aborted = prediction({ status: "aborted", output: null, error: "aborted" });
+    const response = await handler(delivery(aborted, { id: "msg_aborted" }));
+    assert.equal(response.status, 200);
+    assert.deepEqual(await body(response), { ok: true });
+    assert.equal(failure.length, 1);
+    assert.equal(failure[0].status, "aborted");
+    assert.equal(calls.completed.length, 0);
+    assert.deepEqual(await body(await handler(delivery(aborted, { id: "msg_aborted" }))), { duplicate: true });
+  });
+
   test("failed and canceled predictions go to onFailure, or to onCompleted with their status", async () => {
     const failure = [];
     const { handler, calls } = harness({ onFailure: (event) => failure.push(event) });
