@@ -13,6 +13,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -33,6 +34,8 @@ SECRET = "whsec_" + base64.b64encode(b"stemsep-test-signing-secret-32b!").decode
 OTHER_SECRET = "whsec_" + base64.b64encode(b"somebody-else's-secret-32-bytes!").decode()
 VOCALS = b"RIFF-vocals-" + os.urandom(300_000)
 INSTRUMENTAL = b"RIFF-instrumental-" + os.urandom(300_000)
+STEMS = {"vocals": VOCALS, "instrumental": INSTRUMENTAL, "karaoke": b"RIFF-karaoke-" + os.urandom(1000),
+         "other": b"RIFF-other-" + os.urandom(1000)}
 TIMEOUT = 20.0
 
 
@@ -40,11 +43,12 @@ TIMEOUT = 20.0
 
 
 class FileServer:
-    """Serves VOCALS and INSTRUMENTAL; can answer 503 a number of times per path first, or
-    hold every request until `gate` is set (with `midway`, after sending half the body)."""
+    """Serves each of STEMS as /out/song_<stem>.wav, the way the model names its outputs;
+    can answer 503 a number of times per path first, or hold every request until `gate` is
+    set (with `midway`, after sending half the body)."""
 
     def __init__(self) -> None:
-        self.files = {"/out/vocals.wav": VOCALS, "/out/instrumental.wav": INSTRUMENTAL}
+        self.files = {f"/out/song_{stem}.wav": data for stem, data in STEMS.items()}
         self.failures: collections.Counter[str] = collections.Counter()
         self.hits: collections.Counter[str] = collections.Counter()
         self.gate = threading.Event()
@@ -88,8 +92,8 @@ class FileServer:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
-    def output(self) -> list[str]:
-        return [f"{self.url}/out/vocals.wav", f"{self.url}/out/instrumental.wav"]
+    def output(self, stems=("vocals", "instrumental")) -> list[str]:
+        return [f"{self.url}/out/song_{stem}.wav" for stem in stems]
 
     def close(self) -> None:
         self.gate.set()
@@ -212,10 +216,14 @@ def wait_downloaded(store: Path, pid: str) -> dict:
     return rec
 
 
-def assert_stems_in_store(store: Path, pid: str) -> None:
-    assert (store / pid / "vocals.wav").read_bytes() == VOCALS
-    assert (store / pid / "instrumental.wav").read_bytes() == INSTRUMENTAL
-    assert sorted(p.name for p in (store / pid).iterdir()) == ["instrumental.wav", "vocals.wav"]  # no .part left
+def assert_stems_in_store(store: Path, pid: str, stems=("vocals", "instrumental")) -> None:
+    for stem in stems:
+        assert (store / pid / f"{stem}.wav").read_bytes() == STEMS[stem]
+    assert sorted(p.name for p in (store / pid).iterdir()) == sorted(f"{s}.wav" for s in stems)  # no .part left
+
+
+def downloads_in_progress(receiver) -> int:
+    return httpx.get(f"http://127.0.0.1:{receiver.port}/health", timeout=5).json()["downloads"]
 
 
 # signatures --------------------------------------------------------------------------------
@@ -290,8 +298,10 @@ def test_the_same_delivery_three_times_is_processed_once(receiver, files):
     wait_downloaded(receiver.store, pid)
     assert_stems_in_store(receiver.store, pid)
     assert receiver.post(body, headers).json()["outcome"] == "duplicate"  # later retries too
-    time.sleep(0.3)
-    assert files.hits == {"/out/vocals.wav": 1, "/out/instrumental.wav": 1}
+    # A delivery schedules its download before it is answered: once every answer is in and
+    # nothing is queued or downloading, no further request can come.
+    wait_for(lambda: downloads_in_progress(receiver) == 0, what="the downloads to finish", timeout=TIMEOUT)
+    assert files.hits == {"/out/song_vocals.wav": 1, "/out/song_instrumental.wav": 1}
     assert len(deliveries(receiver.store, pid)) == 1
 
 
@@ -343,32 +353,63 @@ def test_the_answer_does_not_wait_for_the_download(receiver, files):
 
 
 def test_a_file_server_failing_twice_then_succeeding_still_lands_the_stems(receiver, files):
-    files.failures.update({"/out/vocals.wav": 2, "/out/instrumental.wav": 2})
+    files.failures.update({"/out/song_vocals.wav": 2, "/out/song_instrumental.wav": 2})
     pid = new_id()
     body = prediction(pid, output=files.output())
     assert receiver.post(body, signed(body)).status_code == 200
     wait_downloaded(receiver.store, pid)
     assert_stems_in_store(receiver.store, pid)
-    assert files.hits == {"/out/vocals.wav": 3, "/out/instrumental.wav": 3}
+    assert files.hits == {"/out/song_vocals.wav": 3, "/out/song_instrumental.wav": 3}
 
 
 def test_a_download_that_keeps_failing_is_recorded_as_failed(receiver, files):
-    files.failures.update({"/out/vocals.wav": 100})
+    files.failures.update({"/out/song_vocals.wav": 100})
     pid = new_id()
     body = prediction(pid, output=files.output())
     assert receiver.post(body, signed(body)).status_code == 200
     rec = wait_for(lambda: (r := record(receiver.store, pid)) and r["download"] == "failed" and r, timeout=TIMEOUT)
     assert "after 5 attempts (HTTP 503)" in rec["download_error"]
-    assert files.hits["/out/vocals.wav"] == 5
+    assert files.hits["/out/song_vocals.wav"] == 5
     assert not (receiver.store / pid / "vocals.wav").exists()
 
 
-def test_an_output_that_is_not_two_urls_is_recorded_as_a_failed_download(receiver):
+def test_an_output_that_is_not_a_list_of_urls_is_recorded_as_a_failed_download(receiver):
     pid = new_id()
     body = prediction(pid, output="https://example.com/only-one.wav")
     assert receiver.post(body, signed(body)).status_code == 200
     rec = record(receiver.store, pid)
-    assert rec["download"] == "failed" and "not [vocals_url, instrumental_url]" in rec["download_error"]
+    assert rec["download"] == "failed" and "not a list of stem URLs" in rec["download_error"]
+
+
+def test_a_karaoke_prediction_s_stems_are_stored_under_their_names(receiver, files):
+    pid = new_id()
+    body = prediction(pid, output=files.output(("other", "karaoke")), input={"audio": "https://e.com/song.mp3", "model": "karaoke"})
+    assert receiver.post(body, signed(body)).json()["outcome"] == "accepted"
+    rec = wait_downloaded(receiver.store, pid)
+    assert rec["files"] == {"karaoke": f"{pid}/karaoke.wav", "other": f"{pid}/other.wav"}
+    assert rec["input"] == {"model": "karaoke"}  # what names the stems; not the audio, which can be a whole song
+    assert_stems_in_store(receiver.store, pid, ("karaoke", "other"))
+
+
+def test_one_chosen_stem_is_one_file_in_the_store(receiver, files):
+    pid = new_id()
+    body = prediction(pid, output=files.output(("instrumental",)), input={"audio": "x", "stems": "instrumental"})
+    assert receiver.post(body, signed(body)).status_code == 200
+    assert wait_downloaded(receiver.store, pid)["files"] == {"instrumental": f"{pid}/instrumental.wav"}
+    assert_stems_in_store(receiver.store, pid, ("instrumental",))
+
+
+def test_an_aborted_delivery_is_accepted_and_final(receiver):
+    pid = new_id()
+    body = prediction(pid, "aborted", error="the prediction was aborted")
+    response = receiver.post(body, signed(body))
+    assert response.status_code == 200 and response.json()["outcome"] == "accepted"
+    rec = record(receiver.store, pid)
+    assert (rec["status"], rec["error"], rec["download"]) == ("aborted", "the prediction was aborted", None)
+    for status in ("processing", "succeeded"):  # the first terminal status wins
+        late = prediction(pid, status)
+        assert receiver.post(late, signed(late)).json()["outcome"] == "ignored"
+    assert record(receiver.store, pid)["status"] == "aborted"
 
 
 def test_the_receiver_killed_after_acknowledging_resumes_on_restart(tmp_path, files):
@@ -406,6 +447,46 @@ def test_a_clean_shutdown_mid_download_also_resumes(tmp_path, files):
         with running(store):
             wait_downloaded(store, pid)
     assert_stems_in_store(store, pid)
+
+
+# The store's schema as the first release created it in <store>/webhooks.sqlite3.
+OLD_STORE_SCHEMA = """
+CREATE TABLE deliveries (
+    webhook_id TEXT PRIMARY KEY, prediction_id TEXT NOT NULL, status TEXT NOT NULL, outcome TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE predictions (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, error TEXT, predict_time REAL, output TEXT, download TEXT,
+    download_error TEXT, files TEXT, updated_at REAL NOT NULL
+);
+"""
+
+
+def test_a_store_written_before_this_release_reads_and_resumes(tmp_path, files):
+    """What the first release left (its schema, a finished download, a pending one, a
+    delivery) opens in the receiver: the pending download resumes, the rest reads as it was."""
+    store = tmp_path / "store"
+    (store / "old-done").mkdir(parents=True)
+    (store / "old-done" / "vocals.wav").write_bytes(b"kept")
+    now = time.time()
+    with sqlite3.connect(store / "webhooks.sqlite3") as db:
+        db.executescript(OLD_STORE_SCHEMA)
+        db.execute("INSERT INTO deliveries VALUES ('msg_old', 'old-done', 'succeeded', 'accepted', ?)", (now,))
+        db.execute("INSERT INTO predictions VALUES ('old-done', 'succeeded', NULL, 7.5, ?, 'done', NULL, ?, ?)",
+                   (json.dumps(files.output()), json.dumps({"vocals": "old-done/vocals.wav"}), now))
+        db.execute("INSERT INTO predictions VALUES ('old-pending', 'succeeded', NULL, 2.0, ?, 'pending', NULL, NULL, ?)",
+                   (json.dumps(files.output()), now))
+    with running(store) as receiver:
+        rec = wait_downloaded(store, "old-pending")
+        body = prediction("old-done", output=files.output())
+        assert receiver.post(body, signed(body, msg_id="msg_old")).json()["outcome"] == "duplicate"
+    assert rec["files"] == {"vocals": "old-pending/vocals.wav", "instrumental": "old-pending/instrumental.wav"}
+    assert rec["input"] is None
+    assert_stems_in_store(store, "old-pending")
+    done = record(store, "old-done")
+    assert (done["status"], done["predict_time"], done["files"], done["input"]) == ("succeeded", 7.5, {"vocals": "old-done/vocals.wav"}, None)
+    assert (store / "old-done" / "vocals.wav").read_bytes() == b"kept"
+    assert files.hits == {"/out/song_vocals.wav": 1, "/out/song_instrumental.wav": 1}  # only the pending one's
 
 
 # unsigned local use ------------------------------------------------------------------------

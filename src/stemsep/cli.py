@@ -251,27 +251,29 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _add_remote(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("remote", help="separate on Replicate and download the stems (one song or a whole catalogue), or submit with a webhook")
+    p = sub.add_parser("remote", help="separate on Replicate and download the stems (one song or a batch of songs), or submit with a webhook")
     p.add_argument("audio", nargs="*", metavar="INPUT",
                    help="audio file (up to 100 MB), http(s) URL, or folder; one file or URL: separate it and print the "
-                        "two paths; more, a folder or --from: a resumable catalogue run (manifest in the output folder)")
+                        "path of each stem; more, a folder or --from: a resumable batch run (manifest in the output folder)")
     p.add_argument("--from", dest="from_files", action="append", default=[], metavar="FILE",
                    help="read more inputs from FILE, one per line (# comments; '-' = stdin); repeatable")
     p.add_argument("-o", "--output-dir", type=Path, default=Path("separated"), help="where to write the stems (default: separated/)")
     p.add_argument("--webhook", metavar="URL",
                    help="do not wait: Replicate POSTs each finished prediction to URL; prints the prediction id(s)")
-    p.add_argument("--model", help="owner/name or owner/name:version (default: $REPLICATE_MODEL)")
+    p.add_argument("--model", help="the Replicate model, owner/name or owner/name:version (default: $REPLICATE_MODEL); "
+                                   "the model's own inputs, its `model` input included, go with -i")
     p.add_argument("--token", help="Replicate API token (default: $REPLICATE_API_TOKEN)")
     p.add_argument("-i", "--input", action="append", default=[], metavar="KEY=VALUE",
-                   help="another model input, repeatable; VALUE is read as JSON when it parses")
+                   help="a model input, repeatable, e.g. -i model=karaoke -i stems=instrumental; VALUE is read as "
+                        "JSON when it parses")
     # Keep the default equal to stemsep.remote.DEFAULT_CONCURRENCY (not imported here: the parser stays light).
     p.add_argument("--concurrency", type=int, default=8, metavar="N",
-                   help="catalogue: predictions in flight at most (default: 8; match your deployment's max instances)")
+                   help="batch: predictions in flight at most (default: 8; match your deployment's max instances)")
     p.add_argument("--price-per-second", type=float, metavar="USD",
-                   help="catalogue: your hardware's price per second, for the cost estimate in the summary")
-    p.add_argument("--retry-failed", action="store_true", help="catalogue: submit the songs that failed in earlier runs again")
+                   help="batch: your hardware's price per second, for the cost estimate in the summary")
+    p.add_argument("--retry-failed", action="store_true", help="batch: submit the songs that failed in earlier runs again")
     p.add_argument("--poll-interval", type=float, metavar="SECONDS",
-                   help="catalogue: seconds between status polls (default: $REPLICATE_POLL_INTERVAL or 1)")
+                   help="batch: seconds between status polls (default: $REPLICATE_POLL_INTERVAL or 1)")
     p.set_defaults(func=_run_remote)
 
 
@@ -291,19 +293,19 @@ def _run_remote(args: argparse.Namespace) -> int:
             inputs[key] = value
     single = len(args.audio) == 1 and not args.from_files and (remote.is_url(args.audio[0]) or not Path(args.audio[0]).is_dir())
     if not single:
-        return _run_remote_catalogue(args, inputs)
+        return _run_remote_batch(args, inputs)
     audio = args.audio[0]
     if args.webhook:
-        print(remote.submit(audio, args.webhook, model=args.model, api_token=args.token, **inputs))
+        print(remote.submit(audio, args.webhook, replicate_model=args.model, api_token=args.token, input=inputs))
         return 0
-    stems = remote.separate(audio, model=args.model, api_token=args.token, **inputs)
+    stems = remote.separate(audio, replicate_model=args.model, api_token=args.token, input=inputs)
     paths = remote.download_stems(stems, args.output_dir, remote.input_name(audio))
     for path in paths.values():
         print(path)
     return 0
 
 
-def _run_remote_catalogue(args: argparse.Namespace, inputs: dict) -> int:
+def _run_remote_batch(args: argparse.Namespace, inputs: dict) -> int:
     import os
 
     from stemsep import remote
@@ -325,9 +327,9 @@ def _run_remote_catalogue(args: argparse.Namespace, inputs: dict) -> int:
             print(f"FAIL  {shown(song.key)}: {song.error}", flush=True)
 
     report = remote.separate_many(
-        args.audio, args.output_dir, from_files=args.from_files, model=args.model, api_token=args.token,
+        args.audio, args.output_dir, from_files=args.from_files, replicate_model=args.model, api_token=args.token,
         concurrency=args.concurrency, webhook=args.webhook, retry_failed=args.retry_failed,
-        poll_interval=args.poll_interval, on_song=on_song, **inputs,
+        poll_interval=args.poll_interval, on_song=on_song, input=inputs,
     )
     earlier = report.succeeded - sum(s.state == "succeeded" for s in report.finished)
     parts = [f"{len(report.songs)} song{'s' * (len(report.songs) != 1)}: {report.succeeded} succeeded"
@@ -360,7 +362,7 @@ def _add_serve_webhooks(sub: argparse._SubParsersAction) -> None:
                    help="accept unsigned deliveries (a local Cog server does not sign); never on a public port")
     p.add_argument("--retries", type=int, default=6, metavar="N", help="download attempts per stem (default: 6)")
     p.add_argument("--retry-delay", type=float, default=1.0, metavar="SECONDS",
-                   help="wait before the first retry, doubling each time (default: 1)")
+                   help="wait before the first retry, about doubling each time (default: 1)")
     p.set_defaults(func=_run_serve_webhooks)
 
 
@@ -368,11 +370,12 @@ def _run_serve_webhooks(args: argparse.Namespace) -> int:
     import os
 
     from stemsep import webhooks
+    from stemsep.remote import RetryPolicy
 
     webhooks.serve(
         args.store, host=args.host, port=args.port,
         secret=args.secret or os.environ.get("REPLICATE_WEBHOOK_SECRET"), verify=not args.insecure_no_verify,
-        attempts=args.retries, backoff=args.retry_delay,
+        retry=RetryPolicy(attempts=args.retries, backoff=args.retry_delay),
     )
     return 0
 

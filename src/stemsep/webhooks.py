@@ -10,9 +10,15 @@ prediction created with ``webhook_events_filter=["completed"]`` ends. Each deliv
    key: a retried delivery is acknowledged and not processed again) and the prediction's
    status, error, ``metrics.predict_time`` and output. A terminal status is final: a late
    non-terminal event (or a second terminal one) is acknowledged and ignored;
-3. acknowledged at once (200); a succeeded prediction's two outputs are downloaded in the
-   background (atomic writes, retries with backoff) to ``<store>/<prediction id>/<stem>.<ext>``.
-   A download recorded as pending survives a crash and resumes when the receiver starts.
+3. acknowledged at once (200); a succeeded prediction's outputs, whatever the model and
+   the stems asked for, are named by :func:`stemsep.remote.stem_urls` (from the output and
+   the prediction's ``model`` and ``stems`` inputs, which are recorded too) and downloaded
+   in the background (atomic writes, :class:`~stemsep.remote.RetryPolicy`) to
+   ``<store>/<prediction id>/<stem>.<ext>``. A download recorded as pending survives a
+   crash and resumes when the receiver starts.
+
+Stores written by earlier releases open as they are: the ``input`` column is added to them
+(empty for what they recorded, which then names stems by the default model's).
 
 Cog's own webhooks are unsigned: ``verify=False`` (``--insecure-no-verify``) accepts them
 for local use, keying retries by the body's hash.
@@ -34,13 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from stemsep.errors import RemoteError, StemsepError
-from stemsep.remote import (
-    TERMINAL_STATUSES,
-    DownloadInterrupted,
-    download,
-    stem_urls,
-    url_extension,
-)
+from stemsep.files import PART_SUFFIX
+from stemsep.remote import TERMINAL_STATUSES, DownloadInterrupted, RetryPolicy, download_stems, stem_urls
 
 WEBHOOK_PATH = "/webhooks/replicate"  # where an app receives Replicate's deliveries
 DB_NAME = "webhooks.sqlite3"
@@ -62,14 +63,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE TABLE IF NOT EXISTS predictions (
     id             TEXT PRIMARY KEY,
-    status         TEXT NOT NULL,     -- starting | processing | succeeded | failed | canceled
-    error          TEXT,              -- the prediction's error (failed / canceled)
+    status         TEXT NOT NULL,     -- starting | processing | succeeded | failed | canceled | aborted
+    error          TEXT,              -- the prediction's error (failed / canceled / aborted)
     predict_time   REAL,              -- metrics.predict_time, seconds
     output         TEXT,              -- the output as received, JSON
     download       TEXT,              -- NULL (nothing to fetch) | pending | done | failed
     download_error TEXT,
     files          TEXT,              -- JSON {stem: path relative to the store}
-    updated_at     REAL NOT NULL
+    updated_at     REAL NOT NULL,
+    input          TEXT               -- the prediction's inputs but audio, JSON (NULL in older stores)
 );
 """
 
@@ -89,6 +91,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(predictions)")}
+            if "input" not in columns:  # a store from before the inputs were recorded
+                self._db.execute("ALTER TABLE predictions ADD COLUMN input TEXT")
         except (OSError, sqlite3.Error) as exc:
             raise StemsepError(f"cannot open the webhook store ({exc})", file=str(self.directory)) from None
         self._lock = threading.Lock()
@@ -126,11 +131,11 @@ class Store:
             if outcome == "accepted":
                 db.execute(
                     "INSERT INTO predictions"
-                    " (id, status, error, predict_time, output, download, download_error, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status = excluded.status,"
+                    " (id, status, error, predict_time, output, input, download, download_error, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status = excluded.status,"
                     " error = excluded.error, predict_time = excluded.predict_time, output = excluded.output,"
-                    " download = excluded.download, download_error = excluded.download_error,"
-                    " updated_at = excluded.updated_at",
+                    " input = excluded.input, download = excluded.download,"
+                    " download_error = excluded.download_error, updated_at = excluded.updated_at",
                     (pid, status, *_terminal_fields(prediction), now),
                 )
             return outcome
@@ -146,13 +151,13 @@ class Store:
         return [row["id"] for row in rows]
 
     def prediction(self, prediction_id: str) -> dict[str, Any] | None:
-        """The record of one prediction (``output`` and ``files`` decoded), or None."""
+        """The record of one prediction (``output``, ``input`` and ``files`` decoded), or None."""
         with self._lock:
             row = self._db.execute("SELECT * FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
         if row is None:
             return None
         record = dict(row)
-        for key in ("output", "files"):
+        for key in ("output", "input", "files"):
             record[key] = json.loads(record[key]) if record[key] is not None else None
         return record
 
@@ -175,12 +180,15 @@ class Store:
             (error, time.time(), prediction_id),
         ))
 
-    def stem_path(self, prediction_id: str, stem: str, url: str) -> Path:
-        return self.directory / prediction_id / f"{stem}.{url_extension(url)}"
+
+def _naming_inputs(prediction: dict[str, Any]) -> dict[str, Any] | None:
+    """The prediction's inputs but ``audio`` (which can be a whole song as a data URL)."""
+    inputs = prediction.get("input")
+    return {k: v for k, v in inputs.items() if k != "audio"} if isinstance(inputs, dict) else None
 
 
 def _terminal_fields(prediction: dict[str, Any]) -> tuple:
-    """(error, predict_time, output JSON, download, download_error) for a delivery's status."""
+    """(error, predict_time, output JSON, input JSON, download, download_error) for a delivery."""
     status = prediction["status"]
     metrics = prediction.get("metrics") if isinstance(prediction.get("metrics"), dict) else {}
     predict_time = metrics.get("predict_time")
@@ -188,14 +196,15 @@ def _terminal_fields(prediction: dict[str, Any]) -> tuple:
     error = prediction.get("error")
     error = None if error is None else str(error)
     output = json.dumps(prediction.get("output"))
+    inputs = _naming_inputs(prediction)
     download, download_error = None, None
     if status == "succeeded":
         try:
-            stem_urls(prediction.get("output"))
+            stem_urls(prediction.get("output"), inputs)
             download = "pending"
         except RemoteError as exc:
             download, download_error = "failed", str(exc)
-    return error, predict_time, output, download, download_error
+    return error, predict_time, output, None if inputs is None else json.dumps(inputs), download, download_error
 
 
 # background downloads --------------------------------------------------------------------
@@ -209,9 +218,9 @@ class Downloader:
     and leaves their predictions pending for the next start.
     """
 
-    def __init__(self, store: Store, *, attempts: int = 6, backoff: float = 1.0, workers: int = 2):
+    def __init__(self, store: Store, *, retry: RetryPolicy | None = None, workers: int = 2):
         self.store = store
-        self.attempts, self.backoff = attempts, backoff
+        self.retry = retry or RetryPolicy()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stemsep-download")
         self._queued: set[str] = set()
@@ -223,6 +232,11 @@ class Downloader:
                 return
             self._queued.add(prediction_id)
         self._pool.submit(self._run, prediction_id)
+
+    def active(self) -> int:
+        """How many predictions are queued or downloading now."""
+        with self._lock:
+            return len(self._queued)
 
     def resume(self) -> list[str]:
         pending = self.store.pending()
@@ -255,14 +269,12 @@ class Downloader:
         record = self.store.prediction(prediction_id)
         if record is None or record["download"] != "pending":
             return
-        for leftover in (self.store.directory / prediction_id).glob(".*.part"):  # from a crash mid-write
+        folder = self.store.directory / prediction_id
+        for leftover in folder.glob(f".*{PART_SUFFIX}"):  # from a crash mid-write
             leftover.unlink(missing_ok=True)
-        files = {}
-        for stem, url in stem_urls(record["output"]).items():
-            path = self.store.stem_path(prediction_id, stem, url)
-            if not path.exists():
-                download(url, path, attempts=self.attempts, backoff=self.backoff, stop=self._stop)
-            files[stem] = path.relative_to(self.store.directory).as_posix()
+        stems = stem_urls(record["output"], record["input"])  # no input recorded (an older store): the default model's
+        paths = download_stems(stems, folder, keep_existing=True, retry=self.retry, stop=self._stop)
+        files = {stem: path.relative_to(self.store.directory).as_posix() for stem, path in paths.items()}
         self.store.finish_download(prediction_id, files)
         log.info("prediction %s: stems saved: %s", prediction_id, ", ".join(files.values()))
 
@@ -301,14 +313,14 @@ def create_app(
     secret: str | None = None,
     *,
     verify: bool = True,
-    attempts: int = 6,
-    backoff: float = 1.0,
+    retry: RetryPolicy | None = None,
     workers: int = 2,
 ):
-    """The ASGI app: ``POST /webhooks/replicate`` and ``GET /health``.
+    """The ASGI app: ``POST /webhooks/replicate`` and ``GET /health`` (which also says how
+    many predictions' downloads are queued or running).
 
     `secret` is the ``whsec_...`` signing secret; ``verify=False`` accepts unsigned
-    deliveries (local Cog testing only). `attempts`/`backoff` tune download retries.
+    deliveries (local Cog testing only). `retry` tunes download retries.
     """
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -328,7 +340,7 @@ def create_app(
         log.warning("webhook signatures are NOT verified: anyone who can reach this port can post predictions")
 
     state = Store(store)
-    downloader = Downloader(state, attempts=attempts, backoff=backoff, workers=workers)
+    downloader = Downloader(state, retry=retry, workers=workers)
 
     async def receive(request: Request) -> JSONResponse:
         body = await request.body()
@@ -351,7 +363,7 @@ def create_app(
         return JSONResponse({"outcome": outcome, "prediction": prediction["id"]})
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"ok": True, "verify": verifier is not None})
+        return JSONResponse({"ok": True, "verify": verifier is not None, "downloads": downloader.active()})
 
     @asynccontextmanager
     async def lifespan(app):
@@ -378,14 +390,13 @@ def serve(
     port: int = 8000,
     secret: str | None = None,
     verify: bool = True,
-    attempts: int = 6,
-    backoff: float = 1.0,
+    retry: RetryPolicy | None = None,
 ) -> None:
     """Run the receiver with uvicorn until interrupted."""
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    app = create_app(store, secret, verify=verify, attempts=attempts, backoff=backoff)
+    app = create_app(store, secret, verify=verify, retry=retry)
     log_config = copy.deepcopy(LOGGING_CONFIG)
     log_config["loggers"]["stemsep"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
     uvicorn.run(app, host=host, port=port, log_config=log_config, timeout_graceful_shutdown=5)

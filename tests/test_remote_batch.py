@@ -1,4 +1,4 @@
-"""`stemsep remote` over a catalogue (`stemsep.remote.separate_many`): the real `replicate`
+"""`stemsep remote` over a batch of songs (`stemsep.remote.separate_many`): the real `replicate`
 SDK against a local server that plays Replicate's HTTP API, runs each prediction for a
 few milliseconds, serves the outputs, and counts what matters (predictions in flight,
 create requests per input). Faults are injected there: 429 storms, 5xx, dropped answers,
@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 
-from stemsep import cli, remote
+from stemsep import catalogue, cli, remote
 from stemsep.errors import RemoteError
 
 TOKEN = "r8_test_token"
@@ -120,7 +120,7 @@ class FakeReplicate:
                         if prediction is None:
                             return self.reply(404, {"detail": "Not found."})
                         view = fake.view(prediction)
-                        if view["status"] in remote.FINAL_STATUSES:
+                        if view["status"] in remote.TERMINAL_STATUSES:
                             fake.outstanding.discard(prediction["id"])
                     return self.reply(200, view)
                 return self.reply(404, {"detail": f"no route {self.command} {url.path}"})
@@ -173,7 +173,10 @@ class FakeReplicate:
         name = Path(unquote(urlparse(p["song"]).path)).stem if "://" in p["song"] else Path(p["song"]).stem
         bad = "bad" in name
         status = ("failed" if bad else "succeeded") if done else "processing"
-        outputs = [f"{self.url}/files/{p['id']}/{name}_{stem}.wav" for stem in ("instrumental", "vocals")]  # upload order
+        inputs = p["input"]  # as predict.py: the chosen model's stems, those asked for, uploaded last to first
+        stems = [s for s in catalogue.get(inputs.get("model", catalogue.DEFAULT)).stems
+                 if not inputs.get("stems") or s in inputs["stems"].split(",")]
+        outputs = [f"{self.url}/files/{p['id']}/{name}_{stem}.wav" for stem in reversed(stems)]
         return {
             "id": p["id"], "model": p["model"], "version": p["version"], "input": p["input"], "status": status,
             "output": outputs if status == "succeeded" else None, "logs": "",
@@ -199,11 +202,11 @@ def api(monkeypatch):
 
 
 def urls(n: int, start: int = 1) -> list[str]:
-    return [f"https://example.com/catalogue/song-{i:03d}.mp3" for i in range(start, start + n)]
+    return [f"https://example.com/album/song-{i:03d}.mp3" for i in range(start, start + n)]
 
 
-def run(api: FakeReplicate, inputs, out: Path, **options) -> remote.CatalogueReport:
-    options = {"model": MODEL, "api_token": TOKEN, "base_url": api.url, "poll_interval": 0.005, "retry": FAST, **options}
+def run(api: FakeReplicate, inputs, out: Path, **options) -> remote.BatchReport:
+    options = {"replicate_model": MODEL, "api_token": TOKEN, "base_url": api.url, "poll_interval": 0.005, "retry": FAST, **options}
     return remote.separate_many(inputs, out, **options)
 
 
@@ -213,13 +216,13 @@ def manifest_rows(out: Path) -> list[dict]:
         return [dict(row) for row in db.execute("SELECT * FROM songs ORDER BY position")]
 
 
-def assert_all_done_once(api: FakeReplicate, out: Path, songs: list[str]) -> None:
+def assert_all_done_once(api: FakeReplicate, out: Path, songs: list[str], stems=("vocals", "instrumental")) -> None:
     rows = manifest_rows(out)
     assert [r["state"] for r in rows] == ["succeeded"] * len(songs)
     assert sorted(api.creates) == sorted(songs) and set(api.creates.values()) == {1}, "one prediction per song"
     for row in rows:
         files = json.loads(row["files"])
-        assert list(files) == ["vocals", "instrumental"]
+        assert list(files) == list(stems)
         for stem, name in files.items():
             assert name == f"{row['name']}_{stem}.wav"
             assert (out / name).read_bytes().startswith(stem.encode())
@@ -289,8 +292,8 @@ def test_sigkill_mid_run_then_restart_finishes_every_song_once(api, tmp_path):
         path.write_bytes(b"RIFF" + bytes(64))
         local.append(path)
     songs = urls(37)
-    listing = tmp_path / "catalogue.txt"
-    listing.write_text("# my catalogue\n" + "\n".join(songs[:20]) + "\n\nlocal/take 0.wav\nlocal/take 1.wav\n"
+    listing = tmp_path / "songs.txt"
+    listing.write_text("# my songs\n" + "\n".join(songs[:20]) + "\n\nlocal/take 0.wav\nlocal/take 1.wav\n"
                        + "\n".join(songs[20:]) + f"\n{local[2]}\n")
     out = tmp_path / "out"
     command, env, first, lines, reader = start_run(api, ["--from", str(listing), "-o", str(out), "--concurrency", "8"], done=12)
@@ -393,7 +396,7 @@ def test_retry_after_is_honoured_up_to_the_cap():
 def test_an_unreachable_api_fails_each_song_with_the_reason(api, tmp_path):
     base = api.url
     api.close()
-    report = remote.separate_many(urls(2), tmp_path / "out", model=MODEL, api_token=TOKEN, base_url=base,
+    report = remote.separate_many(urls(2), tmp_path / "out", replicate_model=MODEL, api_token=TOKEN, base_url=base,
                                   retry=remote.RetryPolicy(attempts=2, backoff=0.001))
     assert report.failed == 2
     assert all(re.match(r"could not create a prediction after 2 attempts \(ConnectError", s.error) for s in report.songs)
@@ -403,11 +406,11 @@ def test_an_unreachable_api_fails_each_song_with_the_reason(api, tmp_path):
 
 
 def test_a_bad_input_among_good_ones_fails_alone(api, tmp_path):
-    songs = urls(3) + ["https://example.com/catalogue/bad-file.txt", str(tmp_path / "missing.wav")] + urls(3, start=4)
+    songs = urls(3) + ["https://example.com/album/bad-file.txt", str(tmp_path / "missing.wav")] + urls(3, start=4)
     report = run(api, songs, tmp_path / "out", concurrency=4)
     assert report.succeeded == 6 and report.failed == 2
     failed = {s.key: s for s in report.songs if s.state == "failed"}
-    bad = failed["https://example.com/catalogue/bad-file.txt"]
+    bad = failed["https://example.com/album/bad-file.txt"]
     assert re.fullmatch(r"prediction p\d{5} failed: ValueError: bad-file: not an audio file", bad.error)
     assert bad.predict_time == 2.5  # failed predictions are billed too
     assert failed[str(tmp_path / "missing.wav")].error == f"{tmp_path / 'missing.wav'}: no such file"
@@ -416,7 +419,7 @@ def test_a_bad_input_among_good_ones_fails_alone(api, tmp_path):
 
 def test_failed_songs_are_retried_only_when_asked(api, tmp_path):
     out = tmp_path / "out"
-    bad = "https://example.com/catalogue/bad-take.mp3"
+    bad = "https://example.com/album/bad-take.mp3"
     run(api, [bad, *urls(2)], out)
     first_id = manifest_rows(out)[0]["prediction_id"]
     assert run(api, [], out).finished == []  # stays failed
@@ -449,22 +452,36 @@ def test_the_manifest_keeps_the_model_and_inputs(api, tmp_path):
     run(api, urls(1), out, output_format="flac")
     assert api.predictions["p00001"]["input"] == {"output_format": "flac", "audio": urls(1)[0]}
     with pytest.raises(RemoteError, match="was made with model ryansmith/bs-roformer, not a/b"):
-        run(api, urls(2), out, model="a/b")
+        run(api, urls(2), out, replicate_model="a/b")
     with pytest.raises(RemoteError, match=r"was made with model inputs \{\"output_format\": \"flac\"\}"):
         run(api, urls(2), out, output_format="wav")
-    run(api, urls(2), out, model=None)  # left out: the recorded ones
+    run(api, urls(2), out, replicate_model=None)  # left out: the recorded ones
     assert api.predictions["p00002"]["input"]["output_format"] == "flac"
 
 
 def test_one_run_per_output_folder(api, tmp_path):
+    """The first run holds the folder while the fake holds its create request (it has taken
+    the lock by then); the second run is refused; then the first is let go and finishes."""
     out = tmp_path / "out"
-    api.duration = 0.3
-    first = threading.Thread(target=run, args=(api, urls(2), out))
+    creating, release = threading.Event(), threading.Event()
+
+    def hold(pid: str) -> None:
+        creating.set()
+        release.wait(30)
+
+    api.on_create = hold
+    report: list[remote.BatchReport] = []
+    first = threading.Thread(target=lambda: report.append(run(api, urls(1), out)))
     first.start()
-    time.sleep(0.1)
-    with pytest.raises(RemoteError, match="another stemsep remote run is using this folder"):
-        run(api, urls(2), out)
-    first.join()
+    try:
+        assert creating.wait(30)
+        with pytest.raises(RemoteError, match="another stemsep remote run is using this folder"):
+            run(api, urls(1), out)
+    finally:
+        release.set()
+        first.join(30)
+    assert report[0].succeeded == 1
+    assert_all_done_once(api, out, urls(1))
 
 
 def test_expand_inputs(tmp_path, monkeypatch):
@@ -481,14 +498,55 @@ def test_expand_inputs(tmp_path, monkeypatch):
                     "https://example.com/x.mp3", str(tmp_path / "solo.wav")]
 
 
-def test_output_stems_names_any_model_s_stems():
-    v, i = "https://r.delivery/a/song_vocals.wav", "https://r.delivery/b/song_instrumental.wav"
-    assert remote.output_stems([i, v]) == {"vocals": v, "instrumental": i}
-    four = [f"https://r.delivery/{s}/my_song_{s}.flac" for s in ("drums", "bass", "other", "vocals")]
-    assert list(remote.output_stems(four)) == ["vocals", "drums", "bass", "other"]
-    assert remote.output_stems(["data:audio/wav;base64,AA", "data:audio/wav;base64,BB"])["instrumental"].endswith("BB")
-    with pytest.raises(RemoteError, match="cannot tell the stems"):
-        remote.output_stems(["https://a/1.wav", "https://a/2.wav", "https://a/3.wav"])
+def test_any_model_s_stems_land_under_their_names(api, tmp_path):
+    out = tmp_path / "out"
+    report = run(api, urls(2), out, input={"model": "karaoke"})
+    assert report.succeeded == 2
+    assert sorted(p["input"]["audio"] for p in api.predictions.values()) == urls(2)
+    assert all(p["input"]["model"] == "karaoke" for p in api.predictions.values())
+    assert_all_done_once(api, out, urls(2), stems=("karaoke", "other"))
+    assert sorted(p.name for p in out.glob("*.wav")) == [f"song-00{n}_{s}.wav" for n in (1, 2) for s in ("karaoke", "other")]
+
+
+def test_one_stem_chosen_gives_one_file_per_song(api, tmp_path):
+    out = tmp_path / "out"
+    assert run(api, urls(2), out, stems="instrumental").succeeded == 2
+    assert_all_done_once(api, out, urls(2), stems=("instrumental",))
+
+
+def test_a_manifest_written_before_this_release_resumes(api, tmp_path):
+    """A manifest as the first release wrote it (its schema, file name and settings, by hand
+    here): its done song is left alone, its submitted one polled, its queued one run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "song-001_vocals.wav").write_bytes(b"vocals from the first release")
+    with sqlite3.connect(out / "stemsep-remote.sqlite3") as db:
+        db.executescript(OLD_MANIFEST_SCHEMA)
+        db.execute("INSERT INTO settings VALUES ('model', ?), ('inputs', '{\"output_format\": \"wav\"}')", (MODEL,))
+        now = time.time()
+        db.execute("INSERT INTO songs (key, name, position, state, prediction_id, status, files, predict_time, creates,"
+                   " updated_at) VALUES (?, 'song-001', 1, 'succeeded', 'old1', 'succeeded', ?, 3.0, 1, ?)",
+                   (urls(1)[0], json.dumps({"vocals": "song-001_vocals.wav", "instrumental": "song-001_instrumental.wav"}), now))
+        db.execute("INSERT INTO songs (key, name, position, state, updated_at) VALUES (?, 'song-002', 2, 'queued', ?)",
+                   (urls(1, start=2)[0], now))
+    report = run(api, [], out, replicate_model=None)
+    assert [s.state for s in report.songs] == ["succeeded", "succeeded"]
+    assert [s.key for s in report.finished] == urls(1, start=2)
+    assert report.predict_time == pytest.approx(3.0 + 2.5)
+    assert (out / "song-001_vocals.wav").read_bytes() == b"vocals from the first release"
+    assert api.predictions["p00001"]["input"] == {"output_format": "wav", "audio": urls(1, start=2)[0]}
+    assert report.songs[1].files == {"vocals": "song-002_vocals.wav", "instrumental": "song-002_instrumental.wav"}
+
+
+# The manifest's schema as the first release created it (the file name, stemsep-remote.sqlite3, too).
+OLD_MANIFEST_SCHEMA = """
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE songs (
+    key TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, position INTEGER NOT NULL, state TEXT NOT NULL,
+    prediction_id TEXT, input_url TEXT, submitted_at REAL, status TEXT, files TEXT, error TEXT, predict_time REAL,
+    creates INTEGER NOT NULL DEFAULT 0, past_ids TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL
+);
+"""
 
 
 def test_names_of_outputs_are_unique(api, tmp_path):
@@ -524,7 +582,7 @@ def test_cli_prints_a_line_per_song_and_a_summary_with_the_cost(api, tmp_path, m
     assert capsys.readouterr().out.splitlines()[-1].startswith("3 songs: 2 succeeded (2 in earlier runs), 1 failed;")
 
 
-def test_cli_catalogue_with_a_webhook_prints_the_ids(api, tmp_path, monkeypatch, capsys):
+def test_cli_batch_with_a_webhook_prints_the_ids(api, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("REPLICATE_API_TOKEN", TOKEN)
     monkeypatch.setenv("REPLICATE_BASE_URL", api.url)
     folder = tmp_path / "album"
