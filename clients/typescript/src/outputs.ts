@@ -16,11 +16,15 @@
  *    take the order the model documents: its stems, those the `stems` input asks for, in
  *    the model's order. When that is not known either, the output is refused.
  *
- * The constants below are JSON literals: stemsep's Python tests read them and check them
- * against the Python side and the model catalogue.
+ * `MODEL_STEMS` and `DEFAULT_MODEL` are written from stemsep's model catalogue when the
+ * package is built (`scripts/catalogue.mjs`). `TERMINAL_STATUSES` is a JSON literal that
+ * stemsep's Python tests check against the Python side's.
  */
 
+import { DEFAULT_MODEL, MODEL_STEMS } from "./catalogue.generated.js";
 import { StemsepError } from "./errors.js";
+
+export { DEFAULT_MODEL, MODEL_STEMS };
 
 /** Statuses after which a prediction never changes again. */
 export const TERMINAL_STATUSES = ["succeeded", "failed", "canceled", "aborted"] as const;
@@ -31,20 +35,6 @@ export type TerminalStatus = (typeof TERMINAL_STATUSES)[number];
 export function isTerminal(status: string): status is TerminalStatus {
   return (TERMINAL_STATUSES as readonly string[]).includes(status);
 }
-
-/** The catalogue model that the model runs when its `model` input is left out. */
-export const DEFAULT_MODEL = "1297";
-
-/** The stems each model of stemsep's catalogue gives, in its order, by the `model` input's value. */
-export const MODEL_STEMS: Readonly<Record<string, readonly string[]>> = {
-  "1297": ["vocals", "instrumental"],
-  "kim-vocals": ["vocals", "instrumental"],
-  "duality-v2": ["vocals", "instrumental"],
-  "karaoke": ["karaoke", "other"],
-  "dereverb": ["noreverb", "reverb"],
-  "denoise": ["dry", "other"],
-  "4stem": ["drums", "bass", "other", "vocals"]
-};
 
 /** `{ vocals: url, instrumental: url }` for the default model; one entry per stem returned. */
 export type Stems = Record<string, string>;

@@ -114,18 +114,14 @@ def stem_urls(output: Any, inputs: Mapping[str, Any] | None = None) -> dict[str,
         urls = {str(stem): url for stem, url in output.items()}
         if not urls or not all(STEM_NAME.fullmatch(stem) for stem in urls):
             raise RemoteError(f"the prediction's output is not a mapping of stem names to URLs but {_short(output)}")
-    elif isinstance(output, (list, tuple)) and output:
-        urls = _by_name(list(output), inputs)
-    else:
+    elif not isinstance(output, (list, tuple)) or not output:
         raise RemoteError(f"the prediction's output is not a list of stem URLs but {_short(output)}")
-    if not all(is_url(url) for url in urls.values()):
+    if not all(is_url(url) for url in (urls.values() if isinstance(output, Mapping) else output)):
         raise RemoteError(f"the prediction's output holds something other than URLs: {_short(output)}")
-    return urls
+    return urls if isinstance(output, Mapping) else _by_name(list(output), inputs)
 
 
-def _by_name(output: list, inputs: Mapping[str, Any] | None) -> dict[str, str]:
-    if not all(is_url(url) for url in output):
-        raise RemoteError(f"the prediction's output holds something other than URLs: {_short(output)}")
+def _by_name(output: list[str], inputs: Mapping[str, Any] | None) -> dict[str, str]:
     order = expected_stems(inputs)
     known = known_stems(inputs)
     names = [url_stem(url, known) for url in output]
