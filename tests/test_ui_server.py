@@ -86,7 +86,7 @@ def test_a_song_is_separated_into_its_own_folder_with_a_record_and_its_stems_are
     [job] = finished(app)
     assert job["state"] == "done", job["error"]
     [record] = client.get("/api/separations").json()["separations"]
-    assert record["id"] == job["separation"] and record["song"] == "my song.wav" and record["model"] == "custom"
+    assert record["id"] == job["separation"] and record["song"] == "my song.wav" and record["model"] == "model.ckpt"
     assert record["stems"] == {"vocals": "my song_vocals.wav", "instrumental": "my song_instrumental.wav"}
     assert record["sample_rate"] == 44100 and record["duration_s"] == pytest.approx(1.0, abs=0.01)
     folder = tmp_path / "out" / record["id"]
@@ -102,6 +102,29 @@ def test_a_song_is_separated_into_its_own_folder_with_a_record_and_its_stems_are
     assert sorted(zipped.namelist()) == sorted(record["stems"].values())
     assert all(zipped.read(n) == (folder / n).read_bytes() for n in zipped.namelist())
     assert files_under(tmp_path / "out" / ".uploads") == []
+
+
+def test_the_mix_export_sums_the_stems_with_their_gains(app, client, tmp_path):
+    song = write_song(tmp_path / "song.wav")
+    upload(client, song)
+    finished(app)
+    [record] = client.get("/api/separations").json()["separations"]
+    folder = tmp_path / "out" / record["id"]
+    vocals, instrumental = (sf.read(folder / name, dtype="int16")[0] for name in record["stems"].values())
+
+    def export(gains: str, dtype: str) -> np.ndarray:
+        response = client.get(f"/api/separations/{record['id']}/mix", params={"gains": gains})
+        assert response.status_code == 200, response.text
+        assert response.headers["content-disposition"] == 'attachment; filename="song_mix.wav"'
+        return sf.read(io.BytesIO(response.content), dtype=dtype)[0]
+
+    assert np.array_equal(export("1,1", "int16"), sf.read(song, dtype="int16")[0])  # the song, bit for bit
+    assert np.array_equal(export("0,1", "int16"), instrumental)
+    half = export("0.5,1", "float32")  # other gains: float WAV
+    assert np.allclose(half, (0.5 * vocals + instrumental) / 32768, atol=1e-7)
+    for bad in ("1", "1,x", "1,-1", "1,99"):
+        assert client.get(f"/api/separations/{record['id']}/mix", params={"gains": bad}).status_code == 400
+    assert files_under(tmp_path / "out" / ".uploads") == []  # the mix file went once sent
 
 
 def test_earlier_separations_are_listed_by_a_new_server_and_can_be_deleted(tmp_path, model_files, app, client):

@@ -61,6 +61,9 @@ class LocalEngine:
                     self._separators[model] = Separator(model=model, **common)
             return self._separators[model]
 
+    def model_name(self, model: str) -> str:
+        return self.options.checkpoint.name if model == CUSTOM and self.options.checkpoint else model
+
     def run(self, job: Job, folder: Path, on_progress: Callable[[int, int], None]) -> dict[str, Path]:
         job.stage = "loading the model"
         separator = self.separator(job.options.model)
@@ -110,6 +113,9 @@ class ReplicateEngine:
         except Exception as exc:  # the SDK's and httpx's errors alike
             raise RemoteError(f"could not read the inputs of the Replicate model {self.model} ({first_line(exc)})") from None
         return (found.openapi_schema if found is not None else None) or {}
+
+    def model_name(self, model: str) -> str:
+        return f"{self.model} ({model})" if model else str(self.model)
 
     def run(self, job: Job, folder: Path, on_progress: Callable[[int, int], None]) -> dict[str, Path]:
         from stemsep import remote

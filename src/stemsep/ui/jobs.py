@@ -45,6 +45,9 @@ class Options:
 
 
 class Engine(Protocol):
+    def model_name(self, model: str) -> str:
+        """How records name the model that `Options.model` chose."""
+
     def run(self, job: Job, folder: Path, on_progress: Callable[[int, int], None]) -> dict[str, Path]:
         """Separate `job.upload` into `folder`; the stem files by name."""
 
@@ -167,12 +170,13 @@ class JobQueue:
             sep_id, folder = self.library.new_separation(job.song)
             started = time.monotonic()
             try:
-                paths = self.engines[job.options.engine].run(job, folder, job.progress)
+                engine = self.engines[job.options.engine]
+                paths = engine.run(job, folder, job.progress)
                 if job.cancel_requested.is_set():
                     raise Canceled
                 duration_s, sample_rate = probe(next(iter(paths.values())))
                 record = Record(
-                    id=sep_id, song=job.song, model=job.options.model, engine=job.options.engine,
+                    id=sep_id, song=job.song, model=engine.model_name(job.options.model), engine=job.options.engine,
                     options={"output_format": job.options.output_format, "stems": list(job.options.stems or ()) or None,
                              "tta": job.options.tta, **self.record_options},
                     stems={stem: path.name for stem, path in paths.items()},

@@ -12,6 +12,7 @@ ever contacted: :mod:`stemsep.ui.security` forbids it) and a small JSON API:
 ``GET  /api/separations``                earlier separations, newest first (their records)
 ``DELETE /api/separations/{id}``         delete one
 ``GET  /api/separations/{id}/zip``       all its stems in one zip, made while sent
+``GET  /api/separations/{id}/mix``       its stems summed with ``?gains=`` (one per stem), a WAV
 ``GET  /files/{id}/{file}``              one stem file
 ``POST /api/replicate``                  set the Replicate model and token for this session
 =======================================  ====================================================
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -46,10 +49,12 @@ from stemsep.remote import MAX_UPLOAD_BYTES
 from stemsep.ui.engines import CUSTOM, LocalEngine, ModelOptions, ReplicateEngine
 from stemsep.ui.jobs import Job, JobQueue, Options
 from stemsep.ui.library import Library, NotFound, safe_filename
+from stemsep.ui.mixdown import mixdown
 from stemsep.ui.security import Guard, is_loopback
 
 STATIC = Path(__file__).parent / "static"
 FREE_SPACE_MARGIN = 64 << 20  # bytes kept free beyond an upload
+MAX_GAIN = 4.0  # the loudest a stem can be made in an exported mix (+12 dB)
 
 
 @dataclass(frozen=True)
@@ -90,10 +95,10 @@ class UI:
         rows = []
         if self.custom_stems is not None:
             name = self.settings.model_options.checkpoint.name
-            rows.append(_model_row(CUSTOM, f"{name} (given at start)", self.custom_stems, True, None))
+            rows.append(_model_row(CUSTOM, f"{name} (the files given at start)", self.custom_stems, True, None))
         listed = [(m, catalogue.is_downloaded(m)) for m in catalogue.MODELS.values()]
         for model, downloaded in sorted(listed, key=lambda pair: not pair[1]):
-            rows.append(_model_row(model.name, model.title, model.stems, downloaded, model.size))
+            rows.append(_model_row(model.name, f"{model.name}: {model.title}", model.stems, downloaded, model.size))
         return rows
 
     def initial_model(self) -> str:
@@ -107,8 +112,8 @@ class UI:
                 "max_upload_bytes": MAX_UPLOAD_BYTES}
 
 
-def _model_row(name: str, title: str, stems: tuple[str, ...], downloaded: bool, size: int | None) -> dict[str, Any]:
-    return {"name": name, "title": title, "stems": list(stems), "practice": [f"no_{s}" for s in stems],
+def _model_row(name: str, label: str, stems: tuple[str, ...], downloaded: bool, size: int | None) -> dict[str, Any]:
+    return {"name": name, "label": label, "stems": list(stems), "practice": [f"no_{s}" for s in stems],
             "downloaded": downloaded, "size": size}
 
 
@@ -233,6 +238,29 @@ async def zip_stems(request: Request) -> Response:
                              headers={"content-disposition": f'attachment; filename="{sep_id}.zip"'})
 
 
+async def mix(request: Request) -> Response:
+    """The stems summed with `?gains=` (one per stem, in the record's order), as a WAV download."""
+    library = _ui(request).library
+    sep_id = request.path_params["sep_id"]
+    try:
+        record, paths = library.record(sep_id), library.stem_files(sep_id)
+    except NotFound:
+        return _error("no such separation", 404)
+    try:
+        gains = [float(g) for g in request.query_params.get("gains", "").split(",")]
+    except ValueError:
+        return _error("gains must be numbers, one per stem")
+    if not all(0 <= g <= MAX_GAIN for g in gains):
+        return _error(f"gains must be from 0 to {MAX_GAIN}")
+    dest = library.new_upload(f"{Path(record.song).stem}_mix.wav")
+    try:
+        await run_in_threadpool(mixdown, paths, gains, dest)
+    except StemsepError as exc:
+        library.discard_upload(dest)
+        return _error(str(exc))
+    return FileResponse(dest, filename=dest.name, background=BackgroundTask(library.discard_upload, dest))
+
+
 async def stem_file(request: Request) -> Response:
     try:
         path = _ui(request).library.stem_file(request.path_params["sep_id"], request.path_params["filename"])
@@ -271,6 +299,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/separations", list_separations),
         Route("/api/separations/{sep_id}", separation, methods=["GET", "DELETE"]),
         Route("/api/separations/{sep_id}/zip", zip_stems),
+        Route("/api/separations/{sep_id}/mix", mix),
         Route("/api/replicate", set_replicate, methods=["POST"]),
         Route("/files/{sep_id}/{filename}", stem_file),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),

@@ -35,10 +35,10 @@ function megabytes(bytes) {
 function modelRows() {
   if ($("#engine").value === "local") return config.models;
   const hosted = config.replicate;
-  if (!hosted.choices.length) return [{ name: "", title: "the hosted model's default", stems: [], practice: [], downloaded: true }];
+  if (!hosted.choices.length) return [{ name: "", label: "the hosted model's default", stems: [], practice: [], downloaded: true }];
   return hosted.choices.map((name) => {
     const stems = hosted.stems[name] || [];
-    return { name, title: name, stems, practice: stems.map((s) => `no_${s}`), downloaded: true };
+    return { name, label: name, stems, practice: stems.map((s) => `no_${s}`), downloaded: true };
   });
 }
 
@@ -46,7 +46,7 @@ function fillModels(selected) {
   const select = $("#model");
   select.replaceChildren();
   for (const model of modelRows()) {
-    const option = new Option(model.name === model.title || !model.name ? model.title : `${model.name}: ${model.title}`, model.name);
+    const option = new Option(model.label, model.name);
     if (!model.downloaded) option.textContent += ` (not downloaded, ${megabytes(model.size)})`;
     select.append(option);
   }

@@ -6,7 +6,7 @@
 //
 // Messages in (port): reset {count, length}; stem {index, channels: [Float32Array]};
 // gains {gains}; play; pause; seek {frame}; speed {speed}; loop {enabled, start, end};
-// state (answered with a state message); render (answered with the whole mix at speed 1).
+// state (answered with a state message).
 // Messages out: position {frame, playing} about 20 times a second while playing; ended.
 
 const QUANTUM = 128;
@@ -79,9 +79,6 @@ class StemsepMixer extends AudioWorkletProcessor {
           type: "state", gains: this.gains.slice(), playing: this.playing, frame: this.frame, speed: this.speed,
           loop: { ...this.loop }, length: this.length, stems: this.stems.filter((s) => s !== null).length,
         });
-        break;
-      case "render":
-        this.render();
         break;
     }
   }
@@ -215,24 +212,6 @@ class StemsepMixer extends AudioWorkletProcessor {
       if (value > bestScore) [best, bestScore] = [offset, value];
     }
     return base + best;
-  }
-
-  // The whole mix at speed 1 with the current gains, for export: as many channels as the
-  // widest stem (1 or 2).
-  render() {
-    const width = Math.max(1, ...this.stems.map((stem) => (stem === null ? 1 : stem.length)));
-    const channels = Array.from({ length: width }, () => new Float32Array(this.length));
-    for (let s = 0; s < this.stems.length; s++) {
-      const stem = this.stems[s];
-      const g = this.gains[s];
-      if (stem === null || g === 0) continue;
-      for (let c = 0; c < width; c++) {
-        const from = stem[Math.min(c, stem.length - 1)];
-        const to = channels[c];
-        for (let i = 0; i < this.length; i++) to[i] += g * from[i];
-      }
-    }
-    this.port.postMessage({ type: "rendered", channels }, channels.map((x) => x.buffer));
   }
 }
 

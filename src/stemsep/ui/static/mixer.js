@@ -14,6 +14,7 @@ export class Mixer {
     this.node = null;
     this.rows = [];
     this.length = 0;
+    this.peakScale = 1;
     this.rate = 44100;
     this.frame = 0;
     this.playing = false;
@@ -59,6 +60,7 @@ export class Mixer {
       decoded.push(channels);
     }
     this.length = Math.max(...decoded.map((channels) => channels[0].length));
+    this.peakScale = 1 / Math.max(1e-6, ...this.rows.map((row) => Math.max(...row.peaks))); // loudest stem fills its row
     this.node.port.postMessage({ type: "reset", count: decoded.length, length: this.length });
     decoded.forEach((channels, index) => {
       this.node.port.postMessage({ type: "stem", index, channels }, channels.map((x) => x.buffer));
@@ -143,7 +145,7 @@ export class Mixer {
     if (!this.node) return Promise.resolve(null);
     return new Promise((resolve) => {
       this.waiting.set(type, resolve);
-      this.node.port.postMessage({ type: type === "rendered" ? "render" : type });
+      this.node.port.postMessage({ type });
     });
   }
 
@@ -270,7 +272,7 @@ export class Mixer {
       g.fillStyle = row.muted ? "#9aa3ad" : "#2f6fdf";
       for (let x = 0; x < width; x++) {
         const peak = row.peaks[Math.floor((x / width) * row.peaks.length)];
-        const h = Math.max(1, peak * height);
+        const h = Math.max(1, peak * this.peakScale * height);
         g.fillRect(x, (height - h) / 2, 1, h);
       }
       g.fillStyle = "#d33";
@@ -278,15 +280,13 @@ export class Mixer {
     }
   }
 
-  // The mix as the sliders set it (volumes, mutes, solo; speed 1), as a 32-bit float WAV.
-  async exportMix() {
-    const { channels } = await this.ask("rendered");
-    const blob = wav(channels, this.rate);
+  // The mix as the sliders set it (volumes, mutes, solo; at speed 1), summed by the server
+  // from the stem files: at unity gains, PCM stems give back the song bit for bit.
+  exportMix() {
     const link = document.createElement("a");
-    link.href = URL.createObjectURL(blob);
-    link.download = `${this.record.song.replace(/\.[^.]*$/, "")}_mix.wav`;
+    link.href = `/api/separations/${encodeURIComponent(this.record.id)}/mix?gains=${this.gains().join(",")}`;
+    link.download = "";
     link.click();
-    setTimeout(() => URL.revokeObjectURL(link.href), 10000);
   }
 }
 
@@ -317,31 +317,6 @@ function peaks(channels, count) {
     out[k] = Math.min(1, peak);
   }
   return out;
-}
-
-// A WAV file of float32 channels: format 3 (IEEE float), 32 bits, interleaved.
-function wav(channels, rate) {
-  const count = channels.length;
-  const frames = channels[0].length;
-  const header = new DataView(new ArrayBuffer(44));
-  const text = (offset, s) => [...s].forEach((ch, i) => header.setUint8(offset + i, ch.charCodeAt(0)));
-  const bytes = frames * count * 4;
-  text(0, "RIFF");
-  header.setUint32(4, 36 + bytes, true);
-  text(8, "WAVE");
-  text(12, "fmt ");
-  header.setUint32(16, 16, true);
-  header.setUint16(20, 3, true);
-  header.setUint16(22, count, true);
-  header.setUint32(24, rate, true);
-  header.setUint32(28, rate * count * 4, true);
-  header.setUint16(32, count * 4, true);
-  header.setUint16(34, 32, true);
-  text(36, "data");
-  header.setUint32(40, bytes, true);
-  const samples = new Float32Array(frames * count);
-  for (let c = 0; c < count; c++) for (let i = 0; i < frames; i++) samples[i * count + c] = channels[c][i];
-  return new Blob([header, samples], { type: "audio/wav" });
 }
 
 export function clock(seconds) {
