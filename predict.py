@@ -51,8 +51,9 @@ from stemsep.separator import Separator  # noqa: E402
 
 # The catalogue models cog.yaml bakes into the image, the default first: 1297, the best
 # vocals and the best instrumental MelBand-RoFormer by published SDR, and the karaoke model
-# (lead vocals apart from backing vocals), the most asked-for of the rest. The `model`
-# input's choices below list the same names (tests/test_cog_server.py checks all three agree).
+# (lead vocals apart from backing vocals), the most asked-for of the rest. cog.yaml's build
+# steps, the `model` input's choices and description below and the README list the same
+# names (tests/test_cog_config.py checks that they all agree, and with the catalogue).
 BAKED_MODELS = ("1297", "kim-vocals", "duality-v2", "karaoke")
 
 # A checkout's weights/. The image bakes them into /weights instead (cog.yaml sets

@@ -33,8 +33,8 @@ import torch
 from cogserver import REPO, cog_server, http, wait_for
 
 from stemsep import compilation
-from stemsep.decode import decode
 from stemsep.compilation import TOLERANCE_DB
+from stemsep.decode import decode
 from stemsep.reference import CHECKPOINT_NAME, CONFIG_NAME
 from stemsep.separator import MAX_OVERLAP
 from stemsep.testing import (
@@ -213,10 +213,30 @@ def upload_server(passthrough, peer, tmp_path_factory):
 def test_committed_schema_matches_the_runner():
     fresh = write_cog_schema.render(write_cog_schema.build_schema())
     committed = (REPO / ".cog" / "openapi_schema.json").read_text()
-    assert committed == fresh, "run: .venv/bin/python scripts/write_cog_schema.py"
+    assert write_cog_schema.same_schema(committed, fresh), "run: .venv/bin/python scripts/write_cog_schema.py"
     inputs = json.loads(committed)["components"]["schemas"]["Input"]
     assert inputs["required"] == ["audio"]
     assert inputs["properties"]["overlap"]["maximum"] == MAX_OVERLAP
+
+
+def test_the_schema_check_ignores_the_version_cog_build_writes(tmp_path, monkeypatch):
+    """`cog build` writes its CLI's version into info.version: a schema that differs only
+    there still matches the runner's, one with another input description does not, and
+    `write_cog_schema.py --check` says the same."""
+    fresh = write_cog_schema.build_schema()
+    rebuilt = json.loads(write_cog_schema.render(fresh))
+    rebuilt["info"]["version"] = "0.16.9"  # a Cog CLI's version, not the SDK's
+    other_version = json.dumps(rebuilt)
+    rebuilt["components"]["schemas"]["Input"]["properties"]["tta"]["description"] = "another description"
+    other_input = json.dumps(rebuilt)
+    assert write_cog_schema.same_schema(other_version, write_cog_schema.render(fresh))
+    assert not write_cog_schema.same_schema(other_input, write_cog_schema.render(fresh))
+    committed = tmp_path / "openapi_schema.json"
+    monkeypatch.setattr(write_cog_schema, "SCHEMA_PATH", committed)
+    monkeypatch.chdir(tmp_path)  # main() moves to the repository root; back here afterwards
+    for text, status in ((other_version, 0), (other_input, 1)):
+        committed.write_text(text)
+        assert write_cog_schema.main(["--check"]) == status
 
 
 def test_input_metadata_is_readable_without_running_python():
@@ -556,110 +576,6 @@ def test_broken_checkpoint_fails_setup_with_the_library_message(passthrough, tmp
         assert health["status"] == "SETUP_FAILED"
         assert f"CheckpointError: {broken}: not a readable PyTorch checkpoint" in s.logs()
         assert s.predict({"input": {"audio": data_url(wav_bytes(song(0.2)))}}, timeout=10, wait_ready=False).status == 503
-
-
-# the image build -------------------------------------------------------------------------
-
-
-def cog_yaml() -> dict:
-    import yaml
-
-    return yaml.safe_load((REPO / "cog.yaml").read_text())
-
-
-def test_cog_yaml_builds_a_gpu_image_of_this_runner_with_pinned_packages():
-    from importlib.metadata import version
-
-    config = cog_yaml()
-    build = config["build"]
-    assert build["gpu"] is True and build["python_version"] == "3.11" and build["cuda"] == "12.6"
-    assert config["run"] == "predict.py:Runner" and "predict" not in config
-    assert build["sdk_version"] == version("cog")
-    pins = {}
-    for line in (REPO / build["python_requirements"]).read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line and not line.startswith("--"):  # --extra-index-url: torch's CUDA build
-            name, _, pinned = line.partition("==")
-            assert pinned, f"unpinned requirement: {line}"
-            pins[name] = pinned
-    assert pins["torch"] == "2.13.0+cu126" and pins["audio-separator[gpu]"] == "0.47.1"
-    gpu_only = {"onnxruntime-gpu"}  # the tests run onnxruntime, its CPU build
-    for name, pinned in pins.items():  # the versions the tests run with (torch: its CPU build)
-        if name not in gpu_only:
-            assert version(name.split("[")[0]).split("+")[0] == pinned.split("+")[0], name
-
-
-def weight_steps() -> list[str]:
-    return [step for step in cog_yaml()["build"]["run"] if "sha256sum" in step]
-
-
-def baked_models() -> tuple[str, ...]:
-    """predict.py's BAKED_MODELS, read without importing the runner (and Cog) here."""
-    import ast
-
-    tree = ast.parse((REPO / "predict.py").read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "BAKED_MODELS")
-    return ast.literal_eval(node.value)
-
-
-def test_the_model_input_offers_exactly_the_baked_models_default_first():
-    import json
-
-    from stemsep import catalogue
-
-    schema = json.loads((REPO / ".cog" / "openapi_schema.json").read_text())["components"]["schemas"]
-    assert tuple(schema["model"]["enum"]) == baked_models()
-    assert baked_models()[0] == schema["Input"]["properties"]["model"]["default"] == catalogue.DEFAULT
-
-
-def test_build_steps_fetch_the_weights_from_the_same_mirrors_with_the_same_checksums():
-    from stemsep import catalogue
-
-    files = [wf for name in baked_models() for wf in (catalogue.get(name).checkpoint, catalogue.get(name).config)]
-    steps = weight_steps()
-    assert len(steps) == len(files)
-    for wf, step in zip(files, steps):
-        assert re.findall(r"https://[^\s;]+", step) == list(wf.urls)  # every mirror, in order
-        assert re.findall(r"\b[0-9a-f]{64}\b", step) == [wf.sha256]
-        assert step.startswith("cd /weights && ") and step.endswith(f"test -f {wf.name}")
-
-
-@pytest.mark.parametrize("scenario", ["first-mirror-down", "every-mirror-wrong"])
-def test_build_step_keeps_only_a_checksummed_file(tmp_path, scenario):
-    """Run a weights step under /bin/sh with a stand-in `curl`: a mirror that fails is
-    skipped, bytes that do not match the checksum never land under the real name."""
-    import hashlib
-    import os
-    import subprocess
-
-    good = b"the right bytes"
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "curl").write_text(
-        "#!/bin/sh\n"
-        'while [ $# -gt 0 ]; do case "$1" in -o) out="$2"; shift 2;; -*) shift;; *) url="$1"; shift;; esac; done\n'
-        'echo "$url" >> "$CURL_LOG"\n'
-        'case "$url" in *TRvlvr*) exit 22;; esac\n'
-        'printf "%s" "$CURL_BODY" > "$out"\n'
-    )
-    (fake_bin / "curl").chmod(0o755)
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    step = weight_steps()[0]
-    name = step.rsplit("test -f ", 1)[1]
-    step = step.replace("cd /weights ", f"cd {weights} ")
-    step = re.sub(r"\b[0-9a-f]{64}\b", hashlib.sha256(good).hexdigest(), step)
-    body = good if scenario == "first-mirror-down" else b"an error page"
-    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "CURL_LOG": str(tmp_path / "log"), "CURL_BODY": body.decode()}
-    result = subprocess.run(["/bin/sh", "-c", step], env=env, capture_output=True, text=True, timeout=30)
-    assert len((tmp_path / "log").read_text().splitlines()) == 2  # both mirrors were tried
-    if scenario == "first-mirror-down":
-        assert result.returncode == 0, result.stderr
-        assert sorted(p.name for p in weights.iterdir()) == [name]
-        assert (weights / name).read_bytes() == good
-    else:
-        assert result.returncode != 0
-        assert list(weights.iterdir()) == []
 
 
 # where the image keeps its weights ----------------------------------------------------------
