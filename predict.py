@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from stemsep import catalogue  # noqa: E402
 from stemsep.compilation import use_compile_cache  # noqa: E402
 from stemsep.errors import StemsepError, report_warnings  # noqa: E402
-from stemsep.inference import resolve_device  # noqa: E402
+from stemsep.runner import resolve_device  # noqa: E402
 from stemsep.reference import ReferenceEngine  # noqa: E402
 from stemsep.separator import Separator  # noqa: E402
 

@@ -357,7 +357,7 @@ def network_work(seconds: float, overlap: int, config_path: Path) -> dict:
     from flops import flops_per_chunk
 
     from stemsep.checkpoint import load_config
-    from stemsep.inference import plan_chunks
+    from stemsep.chunking import plan_chunks
 
     config = load_config(config_path)
     length, chunk = round(seconds * SAMPLE_RATE), config.audio.chunk_size

@@ -11,12 +11,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from stemsep.inference import (
-    BatchRunner,
-    StreamingSeparation,
-    default_batch_size,
-    separate_chunks,
-)
+from stemsep.chunking import StreamingSeparation, separate_chunks
+from stemsep.runner import BatchRunner, default_batch_size
 from stemsep.separator import Separator
 from stemsep.testing import FAST_CONFIG, make_model_files, snr, tones
 

@@ -10,7 +10,8 @@ import torch
 from stemsep import compilation
 from stemsep.compilation import TOLERANCE_DB
 from stemsep.errors import StemsepError
-from stemsep.inference import BatchRunner, separate_chunks
+from stemsep.chunking import separate_chunks
+from stemsep.runner import BatchRunner
 from stemsep.separator import Separator
 from stemsep.testing import FAST_CONFIG, make_model_files, snr, tones
 

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stemsep.inference import chunk_window, plan_chunks, separate_chunks
+from stemsep.chunking import StreamingSeparation, chunk_window, from_groups, plan_chunks, separate_chunks, to_groups
+from stemsep.runner import BatchRunner
 
 
 class Gain(torch.nn.Module):
@@ -33,10 +34,8 @@ class ChunkMean(torch.nn.Module):
 def streamed_chunk_starts(length: int, chunk: int, overlap: int, block: int = 97) -> list[int]:
     """Where the streaming separation cuts its chunks, fed in blocks: the signal is its own
     sample index, so each chunk's first sample says where it starts."""
-    from stemsep.inference import StreamingSeparation
-
     model = RecordsChunks()
-    stream = StreamingSeparation(model, groups=1, channels=1, chunk=chunk, overlap=overlap)
+    stream = StreamingSeparation(BatchRunner(model), groups=1, channels=1, chunk=chunk, overlap=overlap)
     signal = np.arange(length, dtype=np.float32).reshape(1, 1, length)
     for start in range(0, length, block):
         stream.push(signal[..., start : start + block])
@@ -100,13 +99,13 @@ class RecordsChunks(torch.nn.Module):
 def test_a_signal_shorter_than_a_chunk_is_one_chunk_of_its_own_length():
     model = RecordsChunks()
     signal = np.random.default_rng(0).standard_normal((2, 2, 333)).astype(np.float32)
-    out = separate_chunks(model, signal, chunk=1000, overlap=4, batch_size=4)
+    out = separate_chunks(BatchRunner(model), signal, chunk=1000, overlap=4, batch_size=4)
     assert model.shapes == [(2, 2, 333)] and np.array_equal(out[:, 0], signal)
 
 
 def test_the_network_runs_as_many_chunks_as_audio_separator():
     model = RecordsChunks()
-    separate_chunks(model, np.zeros((1, 2, 10_000), np.float32), chunk=1000, overlap=4, batch_size=1)
+    separate_chunks(BatchRunner(model), np.zeros((1, 2, 10_000), np.float32), chunk=1000, overlap=4, batch_size=1)
     assert len(model.shapes) == plan_chunks(10_000, 1000, 4).count == 37  # ceil((10000 - 1000) / 250) + 1
 
 
@@ -114,7 +113,7 @@ def test_the_network_runs_as_many_chunks_as_audio_separator():
 @pytest.mark.parametrize("length", [1, 99, 100, 101, 1234])
 def test_identity_network_reproduces_the_input_exactly_at_any_length(overlap, length):
     signal = np.random.default_rng(0).standard_normal((3, 2, length)).astype(np.float32)
-    out = separate_chunks(Gain(1.0), signal, chunk=100, overlap=overlap, batch_size=3)
+    out = separate_chunks(BatchRunner(Gain(1.0)), signal, chunk=100, overlap=overlap, batch_size=3)
     assert out.shape == (3, 1, 2, length)
     np.testing.assert_allclose(out[:, 0], signal, rtol=0, atol=1e-6)
 
@@ -122,21 +121,21 @@ def test_identity_network_reproduces_the_input_exactly_at_any_length(overlap, le
 def test_overlap_add_has_no_bump_at_chunk_boundaries():
     """A constant-gain network on a constant signal: any seam error would show as a bump."""
     signal = np.ones((1, 2, 10_000), np.float32)
-    out = separate_chunks(Gain(0.5), signal, chunk=256, overlap=4)
+    out = separate_chunks(BatchRunner(Gain(0.5)), signal, chunk=256, overlap=4)
     assert np.abs(out - 0.5).max() < 1e-6
 
 
 def test_batch_size_does_not_change_the_result():
     signal = np.random.default_rng(1).standard_normal((2, 2, 3000)).astype(np.float32)
-    reference = separate_chunks(ChunkMean(), signal, chunk=256, overlap=4, batch_size=1)
+    reference = separate_chunks(BatchRunner(ChunkMean()), signal, chunk=256, overlap=4, batch_size=1)
     for batch_size in (2, 5, 64):
-        out = separate_chunks(ChunkMean(), signal, chunk=256, overlap=4, batch_size=batch_size)
+        out = separate_chunks(BatchRunner(ChunkMean()), signal, chunk=256, overlap=4, batch_size=batch_size)
         np.testing.assert_allclose(out, reference, rtol=0, atol=1e-6)
 
 
 def test_progress_reports_every_batch_up_to_the_total():
     seen = []
-    separate_chunks(Gain(), np.zeros((1, 2, 1000), np.float32), chunk=100, overlap=2, batch_size=4,
+    separate_chunks(BatchRunner(Gain()), np.zeros((1, 2, 1000), np.float32), chunk=100, overlap=2, batch_size=4,
                     on_progress=lambda done, total: seen.append((done, total)))
     total = plan_chunks(1000, 100, 2).count
     assert seen[-1] == (total, total) and [d for d, _ in seen] == sorted(d for d, _ in seen)
@@ -151,11 +150,9 @@ def test_progress_reports_every_batch_up_to_the_total():
     cuts=st.lists(st.integers(0, 3000), max_size=12),
 )
 def test_streaming_in_blocks_is_bit_identical_to_the_whole_signal(length, overlap, batch_size, groups, cuts):
-    from stemsep.inference import StreamingSeparation
-
     signal = np.random.default_rng(length).standard_normal((groups, 2, length)).astype(np.float32)
-    whole = separate_chunks(ChunkMean(), signal, chunk=128, overlap=overlap, batch_size=batch_size)
-    stream = StreamingSeparation(ChunkMean(), groups=groups, channels=2, chunk=128, overlap=overlap, batch_size=batch_size)
+    whole = separate_chunks(BatchRunner(ChunkMean()), signal, chunk=128, overlap=overlap, batch_size=batch_size)
+    stream = StreamingSeparation(BatchRunner(ChunkMean()), groups=groups, channels=2, chunk=128, overlap=overlap, batch_size=batch_size)
     edges = sorted({0, length, *(c for c in cuts if c < length)})
     parts = [stream.push(signal[..., a:b]) for a, b in zip(edges[:-1], edges[1:])]
     parts.append(stream.finish())
@@ -165,9 +162,7 @@ def test_streaming_in_blocks_is_bit_identical_to_the_whole_signal(length, overla
 
 
 def test_streaming_memory_stays_a_few_chunks_whatever_the_length():
-    from stemsep.inference import StreamingSeparation
-
-    stream = StreamingSeparation(Gain(), groups=1, channels=2, chunk=256, overlap=4, batch_size=2)
+    stream = StreamingSeparation(BatchRunner(Gain()), groups=1, channels=2, chunk=256, overlap=4, batch_size=2)
     block = np.ones((1, 2, 1000), np.float32)
     largest = 0
     for _ in range(200):
@@ -190,15 +185,13 @@ class Stems(torch.nn.Module):
 @pytest.mark.parametrize("overlap", [1, 3])
 def test_each_stem_of_a_multi_stem_network_is_overlap_added_on_its_own(overlap):
     signal = np.random.default_rng(2).standard_normal((2, 2, 2345)).astype(np.float32)
-    out = separate_chunks(Stems([1.0, 0.5, 0.0, -2.0]), signal, chunk=300, overlap=overlap, stems=4, batch_size=3)
+    out = separate_chunks(BatchRunner(Stems([1.0, 0.5, 0.0, -2.0])), signal, chunk=300, overlap=overlap, stems=4, batch_size=3)
     assert out.shape == (2, 4, 2, 2345)
     for i, gain in enumerate([1.0, 0.5, 0.0, -2.0]):
         np.testing.assert_allclose(out[:, i], gain * signal, rtol=0, atol=1e-5)
 
 
 def test_channel_groups_pair_stereo_and_give_back_the_song_channels():
-    from stemsep.inference import from_groups, to_groups
-
     mix = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)  # 5 channels
     pairs = to_groups(mix, 2)  # (3, 2, 4): 1+2, 3+4, 5 as dual mono
     assert pairs.shape == (3, 2, 4) and np.array_equal(pairs[2, 0], pairs[2, 1])

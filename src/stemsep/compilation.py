@@ -3,7 +3,7 @@
 Compiled, the network runs about twice as fast on a GPU, but compiling 1297 whole took
 102 s on an H100. So nothing waits for the compiler: :class:`BackgroundCompile` builds the
 compiled network in a daemon thread while separations run eagerly, checks it against the
-eager network on a batch of noise, and hands it to the :class:`~stemsep.inference.BatchRunner`,
+eager network on a batch of noise, and hands it to the :class:`~stemsep.runner.BatchRunner`,
 which uses it from its next batch on. A compiler error, or a compiled network that
 disagrees with eager by more than :data:`TOLERANCE_DB`, gives one warning and eager stays.
 

@@ -1,15 +1,16 @@
 """The public API: :class:`Separator` turns a song into its stems.
 
-It loads a model once and runs the pipeline of the other modules: decode (audio.py) ->
-model rate, channel groups, chunked network, back to the song's rate (inference.py) ->
-named stems (stems.py) -> encode (audio.py). A single-target model gives its target and
+It loads a model once and runs the pipeline of the other modules: decode (decode.py) ->
+resample to the model's rate, channel groups, chunks (resample.py, chunking.py) -> the
+network on its device, averaged over test-time augmentations or an ensemble's models
+(runner.py, apply.py) -> overlap-add, back to the song's rate (chunking.py) -> named stems
+(stems.py) -> encode (encode.py). A single-target model gives its target and
 the complement (mix - target, bit-exact for PCM output); a multi-stem model gives each stem
 it predicts. Nothing is normalized. The CLI and the Cog predictor are thin layers over this.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import warnings
@@ -19,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stemsep import catalogue
+from stemsep import weights
+from stemsep.apply import ensemble
 from stemsep.checkpoint import Config, load_config, load_model
+from stemsep.chunking import ProgressCallback, separate_song
 from stemsep.compilation import BackgroundCompile, use_compile_cache
 from stemsep.choices import DEFAULT_BIT_DEPTH, DEFAULT_FORMAT
 from stemsep.decode import AudioReader
@@ -32,15 +35,12 @@ from stemsep.errors import (
     StemsepError,
 )
 from stemsep.files import first_line
-from stemsep.inference import (
+from stemsep.runner import (
     PRECISIONS,
     BatchRunner,
-    ProgressCallback,
     default_batch_size,
     resolve_device,
     resolve_precision,
-    separate_song,
-    take,
 )
 from stemsep.stems import StemLayout, stem_layout, stem_samples
 
@@ -82,7 +82,7 @@ class _Separation:
     ) -> dict[str, np.ndarray]:
         """Separate `mix` (channels, samples) at `sample_rate`; float32 stems of the same shape,
         by name, in :attr:`stems` order. `tta` averages the network over test-time
-        augmentations (see :func:`stemsep.inference.augmented_mean`): 3x the network time."""
+        augmentations (see :func:`stemsep.apply.estimate`): 3x the network time."""
         mix = np.asarray(mix, dtype=np.float32)
         if mix.ndim != 2 or mix.shape[0] < 1:
             raise StemsepError(f"audio must be shaped (channels, samples), got shape {mix.shape}")
@@ -168,7 +168,9 @@ class Separator(_Separation):
     """Load a model once; separate arrays or files into its stems.
 
     `model` names a model of the catalogue (`stemsep.catalogue`; default 1297), whose files
-    are looked for in the weights folder (`$STEMSEP_WEIGHTS_DIR`, else `weights/`);
+    are looked for in the weights folder (`$STEMSEP_WEIGHTS_DIR`, else `weights/`) and
+    downloaded there on first use (sha256-checked; `download_progress` is called with bytes
+    done, bytes in all and the file's name) unless `offline` (default: `$STEMSEP_OFFLINE`);
     `checkpoint`/`config` take any other model's files instead. `batch_size` chunks go through the network per
     forward pass (default: the config's on CPU, chosen from free memory on a GPU).
     `precision` is "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16" or "fp16": autocast for
@@ -190,14 +192,16 @@ class Separator(_Separation):
         compile: bool = False,
         *,
         model: str | None = None,
+        offline: bool | None = None,
+        download_progress: weights.DownloadProgress | None = None,
     ):
         if compile:
             use_compile_cache()  # before torch sets its own default (loading the checkpoint does)
         if checkpoint is None or config is None:
-            default_checkpoint, default_config = catalogue.model_paths(model)  # one sentence if missing
+            default_checkpoint, default_config = weights.model_files(model, offline=offline, on_progress=download_progress)
             checkpoint, config = checkpoint or default_checkpoint, config or default_config
         self.model_files = (Path(checkpoint), Path(config))
-        self.config: Config = load_config(config)
+        self.config: Config = load_config(config, checkpoint)
         self.layout: StemLayout = stem_layout(self.config)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -238,7 +242,7 @@ class Separator(_Separation):
 
     def _song(self, blocks, sample_rate: int, channels: int, overlap: int, on_progress, expected_length: int | None,
               tta: bool = False):
-        """(mix, estimates) blocks of a song: see :func:`stemsep.inference.separate_song`."""
+        """(mix, estimates) blocks of a song: see :func:`stemsep.chunking.separate_song`."""
         return separate_song(
             self.runner.with_tta(tta), blocks, sample_rate=sample_rate, model_rate=self.sample_rate, channels=channels,
             width=self.channels, stems=len(self.layout.predicted), chunk=self.config.audio.chunk_size,
@@ -271,51 +275,11 @@ class Ensemble(_Separation):
 
     def _song(self, blocks, sample_rate: int, channels: int, overlap: int | None, on_progress, expected_length: int | None,
               tta: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        done = [0] * len(self.members)
-        total = [0] * len(self.members)
-
-        def progress_of(i: int) -> ProgressCallback | None:
-            if on_progress is None:
-                return None
-
-            def report(d: int, t: int) -> None:
-                done[i], total[i] = d, t
-                on_progress(sum(done), sum(total))
-
-            return report
-
-        copies = itertools.tee(blocks, len(self.members))
-        songs = [
-            member._song(copy, sample_rate, channels, overlap, progress_of(i), expected_length, tta)
-            for i, (member, copy) in enumerate(zip(self.members, copies))
+        members = [
+            lambda copy, progress, member=member: member._song(copy, sample_rate, channels, overlap, progress, expected_length, tta)
+            for member in self.members
         ]
-        return _mean_of(songs)
-
-
-def _mean_of(songs: list[Iterator[tuple[np.ndarray, np.ndarray]]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Merge songs' (mix, estimates) blocks, which cover the same input but in blocks of
-    different sizes, into (mix, mean of the estimates) blocks: pull from whichever song is
-    furthest behind, hand out what all of them have."""
-    mixes: list[np.ndarray] = []  # the first song's mix blocks not yet handed out
-    held: list[list[np.ndarray]] = [[] for _ in songs]  # each song's estimates not yet handed out
-    have = [0] * len(songs)
-    ended = [False] * len(songs)
-    while not all(ended):
-        i = min((j for j in range(len(songs)) if not ended[j]), key=lambda j: have[j])
-        try:
-            mix, estimates = next(songs[i])
-        except StopIteration:
-            ended[i] = True
-            continue
-        held[i].append(estimates)
-        have[i] += estimates.shape[-1]
-        if i == 0:
-            mixes.append(mix)
-        ready = min(have)
-        if ready:
-            parts = [take(h, ready) for h in held]
-            have = [n - ready for n in have]
-            yield take(mixes, ready), sum(parts[1:], parts[0]) / len(parts)
+        return ensemble(members, blocks, on_progress)
 
 
 def _check_overlap(overlap: int | None) -> int | None:

@@ -1,4 +1,5 @@
-"""Apply the network to a signal of any length: chunking, batching and overlap-add.
+"""Cut a song into chunks for the network and add the estimates back up: chunking,
+overlap-add and the song's way through the network, block by block.
 
 The signal (at the model's sample rate) is cut into chunks of the config's `chunk_size`,
 one every `chunk_size / overlap` samples from the start, plus one last chunk flush with
@@ -6,33 +7,39 @@ the end, so every sample is covered by about `overlap` chunks and no chunk hangs
 signal: the network only ever sees real samples (the chunk schedule of audio-separator and
 ZFTurbo's MSST, so at the same overlap both do the same number of forward passes). A signal
 shorter than a chunk is one chunk of its own length. Chunks go through the network
-`batch_size` at a time; each output chunk is weighted by a window and summed, and the sum
-is divided by the summed weights, so every sample's estimate is a proper weighted mean. The
-window is a Hann taper (low weight at chunk edges, where the network sees the least
-context), flat on the outer half of the first and last chunks, where no other chunk covers
-the signal, and flat everywhere when chunks do not overlap. This module knows nothing about
+`batch_size` at a time (a :class:`stemsep.runner.BatchRunner` puts them on the device);
+each output chunk is weighted by a window and summed, and the sum is divided by the summed
+weights, so every sample's estimate is a proper weighted mean. The window is a Hann taper
+(low weight at chunk edges, where the network sees the least context), flat on the outer
+half of the first and last chunks, where no other chunk covers the signal, and flat
+everywhere when chunks do not overlap. :func:`separate_song` takes a song at its own rate
+and channels there and back (:mod:`stemsep.resample`). This module knows nothing about
 files or formats.
 """
 
 from __future__ import annotations
 
-import contextvars
-import copy
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from stemsep.errors import AudioDecodeError
 from stemsep.resample import StreamResampler, resampled_length
-from stemsep.errors import AudioDecodeError, StemsepError
 
 ProgressCallback = Callable[[int, int], None]  # (chunks done, chunks total)
 RESAMPLE_PAD_S = 0.05  # reflected context added around a song before resampling (soxr HQ rings ~ms)
+
+
+class Runner(Protocol):
+    """What puts batches of chunks through the network (:class:`stemsep.runner.BatchRunner`)."""
+
+    def submit(self, chunks: np.ndarray) -> Future[torch.Tensor]:
+        """(batch, channels, samples) -> a future of (batch, stems, channels, samples), float32, CPU."""
 
 
 @dataclass(frozen=True)
@@ -71,177 +78,6 @@ def chunk_window(chunk: int, step: int, first: bool = False, last: bool = False)
     return window
 
 
-# device and precision ------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise StemsepError("device 'cuda' was requested but no CUDA GPU is available")
-    return device
-
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bf16 on a GPU that has it (fp16 on older ones, e.g. a T4), fp32 on the CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision not in PRECISIONS:
-        raise StemsepError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
-    return precision
-
-
-def default_batch_size(tokens_per_chunk: int, dim: int, device: torch.device, precision: str) -> int | None:
-    """Chunks per forward pass on a GPU: as many as half the free memory holds, estimating a
-    chunk's activations at 16 values of `dim` per token (band x frame), capped at 16. Too
-    many is caught by the OOM fallback. None elsewhere (batching gains little on a CPU: use
-    the model config's)."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    per_chunk = 16 * tokens_per_chunk * dim * (4 if precision == "fp32" else 2)
-    return max(1, min(16, int(0.5 * free // per_chunk)))
-
-
-class BatchRunner:
-    """Puts one batch of chunks through the network: device transfer, precision, and the
-    fallbacks a long job needs.
-
-    The STFT/iSTFT and mask multiply stay float32 inside the model; autocast (`autocast_dtype`)
-    lowers the transformers to bf16/fp16. `submit` returns a future. On CUDA the batches run
-    in order on one worker thread, so the caller decodes, adds up and encodes while the GPU
-    computes (the network itself waits for the GPU at points, e.g. torch.istft's window
-    check, which would otherwise stall the caller); chunks go up from pinned memory. On the
-    CPU, where the network already uses every core, a batch runs when it is submitted.
-
-    :meth:`use_compiled` hands over a compiled network for batches of exactly `shape`
-    (batch, channels, samples), at any time (see :mod:`stemsep.compilation`): each batch
-    reads it once, so the swap happens between batches. Batches of fewer chunks are padded
-    with silent chunks to that shape, so it never recompiles, and chunks of another length
-    (a song shorter than one chunk) go through the eager `model`. If CUDA runs out of
-    memory, a compiled network is dropped first (eager runs the chunks unpadded), then the
-    batch is split in halves (and later batches stay at the smaller size) down to a single
-    chunk before giving up. The views :meth:`with_tta` makes share
-    all of this with the runner.
-    """
-
-    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None):
-        self.model, self.device = model, torch.device(device)
-        self.autocast_dtype = autocast_dtype
-        self._shared = _RunnerState()
-        self.tta = False  # see with_tta
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="stemsep-gpu") if self.device.type == "cuda" else None
-
-    @property
-    def compiled(self) -> CompiledNetwork | None:
-        """The compiled network in use, if any."""
-        return self._shared.compiled
-
-    def use_compiled(self, network: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int, int]) -> None:
-        """Run batches of `shape` through `network` from the next batch on; refused (an
-        error) once the GPU has run out of memory, since its shape is what did not fit."""
-        if self._shared.out_of_memory:
-            raise StemsepError(f"the GPU ran out of memory meanwhile, so the network compiled for batches of {shape[0]} is not used")
-        self._shared.compiled = CompiledNetwork(network, tuple(shape))
-
-    def __call__(self, chunks: np.ndarray) -> torch.Tensor:  # (batch, channels, samples) -> (batch, stems, channels, samples), float32, CPU
-        return self.submit(chunks).result()
-
-    def submit(self, chunks: np.ndarray) -> Future[torch.Tensor]:
-        if self.worker is not None:  # in the caller's context: what it prints or warns lands in the caller's logs
-            return self.worker.submit(contextvars.copy_context().run, self.compute, chunks)
-        done: Future[torch.Tensor] = Future()
-        done.set_result(self.compute(chunks))
-        return done
-
-    def compute(self, chunks: np.ndarray) -> torch.Tensor:
-        limit = self._shared.max_batch or len(chunks)
-        if len(chunks) > limit:
-            return torch.cat([self.compute(chunks[i : i + limit]) for i in range(0, len(chunks), limit)])
-        try:
-            return self._forward(chunks)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            self._shared.out_of_memory = True
-            if self._shared.compiled is not None:  # its batches are padded to its shape: eager runs just the chunks
-                self._shared.compiled = None
-                warnings.warn("GPU out of memory: continuing with the eager network", stacklevel=2)
-                return self.compute(chunks)
-            if len(chunks) == 1:
-                raise StemsepError(
-                    "the GPU ran out of memory on a single chunk; free GPU memory or run on the CPU"
-                ) from None
-            self._shared.max_batch = len(chunks) // 2
-            warnings.warn(f"GPU out of memory: continuing with {len(chunks) // 2} chunks per batch", stacklevel=2)
-            return self.compute(chunks)
-
-    def _forward(self, chunks: np.ndarray) -> torch.Tensor:
-        count = len(chunks)
-        batch = torch.from_numpy(np.ascontiguousarray(chunks))  # (count, channels, samples)
-        network, compiled = self.model, self._shared.compiled  # read once: a swap takes effect from the next batch
-        if compiled is not None and compiled.shape[1:] == batch.shape[1:]:
-            network = compiled.network
-            if count < compiled.shape[0]:
-                batch = torch.cat([batch, batch.new_zeros(compiled.shape[0] - count, *batch.shape[1:])])
-        return self.apply(network, batch)[:count]
-
-    def apply(self, network: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
-        """`network` (the eager model or a compiled one) on `batch` (batch, channels, samples),
-        on this runner's device and precision: (batch, stems, channels, samples), float32, CPU."""
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
-        amp = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-        with torch.inference_mode(), amp:
-            batch = batch.to(self.device, non_blocking=True)
-            estimate = network(batch).float()  # (batch, stems, channels, samples)
-            if self.tta:
-                estimate = augmented_mean(network, batch, estimate)
-        return estimate.cpu()
-
-    def with_tta(self, tta: bool = True) -> BatchRunner:
-        """A view of this runner (same network, worker, compiled network and batch limit),
-        averaging over the test-time augmentations of :func:`augmented_mean` when `tta` is true."""
-        if tta == self.tta:
-            return self
-        other = copy.copy(self)
-        other.tta = tta
-        return other
-
-
-@dataclass(frozen=True)
-class CompiledNetwork:
-    network: Callable[[torch.Tensor], torch.Tensor]
-    shape: tuple[int, int, int]  # the one batch shape it takes: (batch, channels, samples)
-
-
-@dataclass
-class _RunnerState:
-    """What a runner shares with its :meth:`BatchRunner.with_tta` views."""
-
-    compiled: CompiledNetwork | None = None
-    max_batch: int | None = None  # lowered after an out-of-memory error
-    out_of_memory: bool = False  # once true, no compiled network is taken
-
-
-def augmented_mean(model: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
-    """Test-time augmentation (MSST's `use_tta` scheme): the mean of the network's estimate
-    for the chunks as they are (`estimate`, already computed), with the stereo channels
-    swapped, and with the polarity inverted, each transform undone on its estimate before
-    averaging. A mono network has no channels to swap: the mean of two. Three network passes
-    (two for mono) per chunk instead of one."""
-    views = [estimate]
-    if batch.shape[1] == 2:  # batch: (b, channels, samples); estimate: (b, stems, channels, samples)
-        views.append(model(batch.flip(1)).float().flip(2))
-    views.append(-model(-batch).float())
-    return torch.stack(views).mean(dim=0)
-
-
 class StreamingSeparation:
     """Overlap-add separation of a signal that arrives in blocks, in bounded memory.
 
@@ -256,7 +92,7 @@ class StreamingSeparation:
 
     def __init__(
         self,
-        model: torch.nn.Module | BatchRunner,
+        run: Runner,
         *,
         groups: int,
         channels: int,
@@ -264,12 +100,10 @@ class StreamingSeparation:
         overlap: int,
         stems: int = 1,
         batch_size: int = 1,
-        device: torch.device | str = "cpu",
-        autocast_dtype: torch.dtype | None = None,
         on_progress: ProgressCallback | None = None,
         expected_length: int | None = None,
     ):
-        self.run = model if isinstance(model, BatchRunner) else BatchRunner(model, device, autocast_dtype)
+        self.run = run
         self.groups, self.channels = groups, channels
         self.chunk, self.step = chunk, plan_chunks(1, chunk, overlap).step
         self.batch_size = batch_size
@@ -366,18 +200,16 @@ class StreamingSeparation:
 
 
 def separate_chunks(
-    model: torch.nn.Module | BatchRunner,
+    run: Runner,
     signal: np.ndarray,
     *,
     chunk: int,
     overlap: int,
     stems: int = 1,
     batch_size: int = 1,
-    device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> np.ndarray:
-    """Run `model` over a whole `signal` (groups, channels, samples) float32; the estimates
+    """Run the network of `run` over a whole `signal` (groups, channels, samples) float32; the estimates
     come out (groups, stems, channels, samples).
 
     The one-block case of :class:`StreamingSeparation`. The result for a sample does not
@@ -385,8 +217,8 @@ def separate_chunks(
     """
     groups, channels, length = signal.shape
     stream = StreamingSeparation(
-        model, groups=groups, channels=channels, chunk=chunk, overlap=overlap, stems=stems, batch_size=batch_size,
-        device=device, autocast_dtype=autocast_dtype, on_progress=on_progress, expected_length=length,
+        run, groups=groups, channels=channels, chunk=chunk, overlap=overlap, stems=stems, batch_size=batch_size,
+        on_progress=on_progress, expected_length=length,
     )
     return np.concatenate([stream.push(signal), stream.finish()], axis=-1)
 
@@ -431,7 +263,7 @@ def take(blocks: list[np.ndarray], n: int) -> np.ndarray:
 
 
 def separate_song(
-    run: BatchRunner,
+    run: Runner,
     blocks: Iterable[np.ndarray],
     *,
     sample_rate: int,
