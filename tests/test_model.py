@@ -153,14 +153,21 @@ def test_state_dict_layout_is_exactly_the_mel_band_reference_layout(tmp_path):
     assert "layers.0.0.norm.gamma" in ours and "final_norm.gamma" not in ours
 
 
+# MSST-WebUI's BSRoformer keys for HyperACE mask estimators (audio-separator has none), and
+# their defaults there (modules/bs_roformer/bs_roformer.py).
+MSST_WEBUI_HYPERACE_DEFAULTS = {"use_mask_estimator_hyper_ace": False, "hyperace_version": None}
+
+
 @pytest.mark.parametrize("config_class", [BSRoformerConfig, MelBandRoformerConfig])
 def test_config_defaults_are_the_reference_class_defaults(config_class):
-    """A key a yaml leaves out means what it means to audio-separator's class."""
+    """A key a yaml leaves out means what it means to audio-separator's class (MSST-WebUI's for HyperACE's)."""
     mel = config_class is MelBandRoformerConfig
-    defaults = inspect.signature(reference_class(mel).__init__).parameters
+    defaults = {name: p.default for name, p in inspect.signature(reference_class(mel).__init__).parameters.items()}
+    if not mel:
+        defaults.update(MSST_WEBUI_HYPERACE_DEFAULTS)
     for field in fields(config_class):
         if field.default is not MISSING:
-            assert defaults[field.name].default == field.default, field.name
+            assert defaults[field.name] == field.default, field.name
 
 
 @pytest.mark.parametrize(

@@ -7,18 +7,26 @@ reads it), else told by the `model` section's band key: `freqs_per_bands` for BS
 `num_bands` for MelBand-RoFormer. Keys stemsep has no use for are tolerated, except model
 keys that would change the network (see `_UNSUPPORTED_MODEL_KEYS`). Checkpoints are state
 dicts read with ``torch.load(weights_only=True)``, bare or wrapped (`state_dict`, `model`,
-a `module.` prefix), and loaded strictly. Every failure is a :class:`ConfigError` or
-:class:`CheckpointError` whose message names the file and the problem.
+a `module.` prefix), in any floating-point precision (cast to float32 on loading), and
+loaded strictly.
+
+A checkpoint's tensor names tell its network too (:func:`checkpoint_layout`): BS- or
+MelBand-RoFormer, plain or HyperACE mask estimators. Read with its checkpoint, a yaml needs
+to say neither: the checkpoint settles what the yaml leaves open (published HyperACE configs
+are plain BS-RoFormer configs; some BS-RoFormer configs carry a stray `num_bands`), and a
+yaml that says otherwise than the checkpoint is refused. Every failure is a
+:class:`ConfigError` or :class:`CheckpointError` whose message names the file and the problem.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 import types
 import typing
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +35,14 @@ import yaml
 
 from stemsep.errors import CheckpointError, ConfigError
 from stemsep.files import first_line
+from stemsep.hyperace import VARIANTS as HYPERACE_VARIANTS
 from stemsep.model import (
     BSRoformerConfig,
     MelBandRoformerConfig,
     Roformer,
     build_network,
     mel_bands,
+    rotary_frequencies,
 )
 
 ModelConfig = BSRoformerConfig | MelBandRoformerConfig
@@ -45,13 +55,11 @@ _BAND_KEYS = {BSRoformerConfig: "freqs_per_bands", MelBandRoformerConfig: "num_b
 _UNSUPPORTED_MODEL_KEYS: dict[str, tuple[Any, str]] = {
     "linear_transformer_depth": (0, "linear-attention transformers, which no published RoFormer config uses"),
     "skip_connection": (False, "MSST's sums of earlier layers' outputs (audio-separator ignores the key)"),
-    "use_pope": (False, "MSST's PoPE position embeddings"),
+    "use_pope": (False, "MSST's PoPE (polar) position embeddings instead of rotary ones"),
     "use_value_residual_learning": (False, "MSST's experimental value residuals"),
     "num_residual_streams": (1, "MSST's experimental hyper-connections"),
     "use_shared_bias": (False, "MSST-WebUI's shared attention biases"),
-    "use_mask_estimator_hyper_ace": (False, "MSST-WebUI's HyperACE mask estimators"),
-    "use_mask_estimator_fno": (False, "MSST-WebUI's FNO mask estimators"),
-    "hyperace_version": (None, "MSST-WebUI's HyperACE mask estimators"),
+    "use_mask_estimator_fno": (False, "MSST-WebUI's FNO mask estimators (unwa's Inst-FNO), which stemsep has no implementation of"),
     "ff_mult": (4, "feed-forward layers of another width than 4 x dim"),
     "fmin": (0, "mel bands from another lowest frequency than 0 Hz"),
     "fmax": (None, "mel bands up to another frequency than half the sample rate"),
@@ -198,41 +206,63 @@ def _section(raw: Mapping, name: str, cls: type, path: Path, required: bool = Tr
     return cls(**values)
 
 
-def _architecture(raw: Mapping, path: Path) -> type[ModelConfig]:
-    """MSST's `model_type` if the yaml names it, else the model section's band key."""
+def _architecture(raw: Mapping, path: Path, layout: Layout | None, checkpoint: str | Path | None) -> type[ModelConfig]:
+    """MSST's `model_type` if the yaml names it, else the model section's band key; with a
+    checkpoint's `layout`, the checkpoint's architecture, unless the yaml names another."""
     training = raw.get("training")
     named = raw.get("model_type", training.get("model_type") if isinstance(training, Mapping) else None)
     model = raw.get("model") if isinstance(raw.get("model"), Mapping) else {}
+    if named is not None and (not isinstance(named, str) or named not in ARCHITECTURES):
+        raise ConfigError(f"model_type {named!r} is not one stemsep runs ({' or '.join(ARCHITECTURES)})", file=str(path))
+    present = [cls for cls, key in _BAND_KEYS.items() if key in model]
+    stated = ARCHITECTURES[named] if named is not None else present[0] if len(present) == 1 else None
+    if layout is not None:
+        if stated not in (None, layout.architecture):
+            raise CheckpointError(
+                f"is a {layout.architecture.title} checkpoint ({layout.evidence}) but config {path.name} "
+                f"describes a {stated.title}", file=str(checkpoint)
+            )
+        return layout.architecture
     if named is not None:
-        if not isinstance(named, str) or named not in ARCHITECTURES:
-            raise ConfigError(f"model_type {named!r} is not one stemsep runs ({' or '.join(ARCHITECTURES)})", file=str(path))
-        cls = ARCHITECTURES[named]
-        other = next(k for c, k in _BAND_KEYS.items() if c is not cls)
+        other = next(k for c, k in _BAND_KEYS.items() if c is not stated)
         if other in model:
             raise ConfigError(f"model_type is {named} but the model section has {other}, a key of the other architecture", file=str(path))
-        return cls
-    present = [cls for cls, key in _BAND_KEYS.items() if key in model]
-    if len(present) != 1:
+    elif stated is None:
         what = "both" if present else "neither"
         raise ConfigError(
             f"{path}: cannot tell the architecture: the model section has {what} freqs_per_bands (BS-RoFormer) "
             "and num_bands (MelBand-RoFormer), and no model_type"
         )
-    return present[0]
+    return stated
 
 
-def _check_model_keys(model: Mapping, path: Path) -> None:
+def _check_model_keys(model: Mapping, path: Path, architecture: type[ModelConfig]) -> None:
     conformer = [k for k in _CONFORMER_KEYS if k in model]
     if conformer:
         raise ConfigError(f"model.{conformer[0]} belongs to a Conformer model, which stemsep does not run", file=str(path))
     for key, (runs, meaning) in _UNSUPPORTED_MODEL_KEYS.items():
         if key in model and model[key] != runs:
             raise ConfigError(f"model.{key} {model[key]!r} asks for {meaning}; stemsep runs only {runs!r}", file=str(path))
+    if architecture is MelBandRoformerConfig and model.get("use_mask_estimator_hyper_ace"):
+        raise ConfigError("model.use_mask_estimator_hyper_ace asks for HyperACE mask estimators, which stemsep runs only "
+                          "in a BS-RoFormer", file=str(path))
 
 
-def load_config(path: str | Path) -> Config:
-    """Parse a RoFormer yaml config; raise :class:`ConfigError` naming the file on any problem."""
-    path = Path(path)
+def _mask_estimators(model: ModelConfig, section: Mapping, layout: Layout, path: Path, checkpoint: str | Path) -> ModelConfig:
+    """`model` with the checkpoint's mask estimators (plain or HyperACE) where the yaml says
+    nothing of them; a yaml that asks for others is refused."""
+    if not isinstance(model, BSRoformerConfig):
+        return model  # a MelBand-RoFormer's are plain (checkpoint_layout refuses others)
+    found = replace(model, use_mask_estimator_hyper_ace=layout.hyperace_version is not None, hyperace_version=layout.hyperace_version)
+    asked = model.use_mask_estimator_hyper_ace
+    if "use_mask_estimator_hyper_ace" in section and (
+        asked != found.use_mask_estimator_hyper_ace or asked and model.hyperace_version not in (None, found.hyperace_version)
+    ):
+        raise CheckpointError(f"is a {found.name} checkpoint but config {path.name} asks for a {model.name}", file=str(checkpoint))
+    return found
+
+
+def _read_yaml(path: Path) -> Mapping:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -247,11 +277,27 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"not valid YAML{line}", file=str(path)) from None
     if not isinstance(raw, Mapping):
         raise ConfigError("not a model config (expected a mapping with 'audio' and 'model' sections)", file=str(path))
+    return raw
 
+
+def load_config(path: str | Path, checkpoint: str | Path | None = None) -> Config:
+    """Parse a RoFormer yaml config; raise :class:`ConfigError` naming the file on any problem.
+
+    With `checkpoint`, the network is the one its tensor names tell (:func:`checkpoint_layout`)
+    where the yaml leaves it open; a yaml that says otherwise raises :class:`CheckpointError`."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    layout = None if checkpoint is None else checkpoint_layout(load_state_dict(checkpoint), checkpoint)
+    return _config(raw, path, layout, checkpoint)
+
+
+def _config(raw: Mapping, path: Path, layout: Layout | None, checkpoint: str | Path | None) -> Config:
     audio = _section(raw, "audio", AudioConfig, path)
-    model_cls = _architecture(raw, path)
+    model_cls = _architecture(raw, path, layout, checkpoint)
     model = _section(raw, "model", model_cls, path)
-    _check_model_keys(raw["model"], path)
+    _check_model_keys(raw["model"], path, model_cls)
+    if layout is not None:
+        model = _mask_estimators(model, raw["model"], layout, path, checkpoint)
     training = _section(raw, "training", TrainingConfig, path)
     inference = _section(raw, "inference", InferenceConfig, path, required=False)
     config = Config(audio, model, training, inference, path)
@@ -274,6 +320,12 @@ def _check(config: Config) -> None:
             raise ConfigError(
                 f"{path}: freqs_per_bands sum to {sum(m.freqs_per_bands)} but an STFT of {m.stft_n_fft} has {m.bins} bins"
             )
+        if m.use_mask_estimator_hyper_ace and m.hyperace_version not in HYPERACE_VARIANTS:
+            versions = " or ".join(map(str, HYPERACE_VARIANTS))
+            raise ConfigError(f"model.hyperace_version should be {versions} for HyperACE mask estimators, got {m.hyperace_version!r}",
+                              file=str(path))
+        if m.use_mask_estimator_hyper_ace and not m.stereo:
+            raise ConfigError("HyperACE mask estimators need a stereo model (model.stereo true)", file=str(path))
     else:
         try:
             mel_bands(m.sample_rate, m.stft_n_fft, m.num_bands)
@@ -303,6 +355,64 @@ def _check_stems(config: Config) -> None:
             f"{path}: model.num_stems is {stems} but training.instruments names {len(instruments)} stems "
             "(and no target_instrument)"
         )
+
+
+# what a checkpoint's tensor names tell -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The network a state dict's tensor names describe."""
+
+    architecture: type[ModelConfig]
+    hyperace_version: int | None  # its mask estimators: HyperACE v1 or v2, or None for plain ones
+    evidence: str  # what tells the architecture, for messages
+
+    def describes(self, model: ModelConfig) -> bool:
+        hyperace = isinstance(model, BSRoformerConfig) and model.use_mask_estimator_hyper_ace
+        return type(model) is self.architecture and (model.hyperace_version if hyperace else None) == self.hyperace_version
+
+
+_ROFORMER_TENSOR = "band_split.to_features.0.0.gamma"  # the first band's norm
+_BS_TENSOR = "final_norm.gamma"  # BS-RoFormer norms the tokens once, after all the transformers
+_MEL_TENSOR = re.compile(r"layers\.\d+\.\d+\.norm\.gamma")  # MelBand-RoFormer after each transformer
+_HYPERACE_TENSOR = re.compile(r"mask_estimators\.\d+\.segm\.")
+_HYPERACE_V2_TENSOR = re.compile(r"mask_estimators\.\d+\.segm\.upsample_head\.block1\.out_conv\.")  # TFC-TDF blocks
+
+# Tensor names of RoFormer variants stemsep does not run (matched from the name's start), and
+# what they are: in MSST, MSST-WebUI and unwa's published variants.
+_UNSUPPORTED_TENSORS = {
+    r"mask_estimators\.\d+\.layers\.": "transformers inside its mask estimators (unwa's Large-Inst v2)",
+    r"mask_estimators\.\d+\.to_freqs\.\d+\.0\.[a-z]": "FNO mask estimators (unwa's Inst-FNO)",
+    r".*\.pope_embed\.": "PoPE (polar) position embeddings",
+    r"layers\.\d+\.\d+\.layers\.\d+\.conv\.": "Conformer blocks",
+    r"layers\.\d+\.2\.": "linear-attention transformers",
+    r"linear_\d+_bias_\d+$|.*\.to_qkv\.bias$": "shared attention biases",
+}
+
+
+def checkpoint_layout(state: Mapping[str, torch.Tensor], checkpoint: str | Path) -> Layout | None:
+    """The RoFormer `state`'s tensor names describe: BS-RoFormer (`final_norm.gamma`) or
+    MelBand-RoFormer (`layers.*.*.norm.gamma`), with HyperACE v1 or v2 mask estimators
+    (`mask_estimators.*.segm.*`; v2's head has TFC-TDF blocks) or plain ones. None for names
+    that tell neither (not a RoFormer's: loading then names the tensors that differ); a
+    :class:`CheckpointError` naming the variant for a RoFormer variant stemsep does not run."""
+    if _ROFORMER_TENSOR not in state:
+        return None
+    for pattern, variant in _UNSUPPORTED_TENSORS.items():
+        key = next((k for k in state if re.match(pattern, k)), None)
+        if key is not None:
+            raise CheckpointError(f"has {variant} ({key}), which stemsep does not run", file=str(checkpoint))
+    per_transformer = next((k for k in state if _MEL_TENSOR.fullmatch(k)), None)
+    if (_BS_TENSOR in state) == (per_transformer is not None):
+        return None
+    hyperace = [k for k in state if _HYPERACE_TENSOR.match(k)]
+    version = (2 if any(_HYPERACE_V2_TENSOR.match(k) for k in hyperace) else 1) if hyperace else None
+    if per_transformer is None:
+        return Layout(BSRoformerConfig, version, f"one norm after all its transformers, {_BS_TENSOR}")
+    if version is not None:
+        raise CheckpointError("has HyperACE mask estimators on a MelBand-RoFormer, which stemsep does not run", file=str(checkpoint))
+    return Layout(MelBandRoformerConfig, None, f"a norm after each transformer, {per_transformer}")
 
 
 # checkpoint ----------------------------------------------------------------------------------
@@ -360,10 +470,20 @@ def load_model(checkpoint: str | Path, config: str | Path | Config, device: str 
     rate to ``(batch, stems, channels, samples)``, the stems in `config.network_stems`
     order. On the CPU the transformers run over slices of `CPU_SLICE_TOKENS` tokens (same
     result; see `Roformer._by_slices`).
+
+    The yaml is read with the checkpoint (see :func:`load_config`); so is a `Config` read
+    without it, again, when the checkpoint holds another network than it describes (pass
+    `load_config(yaml, checkpoint)` to keep the `Config` in step). Weights are cast to
+    float32, whatever their precision in the file.
     """
-    config = config if isinstance(config, Config) else load_config(config)
     state = load_state_dict(checkpoint)
+    layout = checkpoint_layout(state, checkpoint)
+    if not isinstance(config, Config):
+        config = _config(_read_yaml(Path(config)), Path(config), layout, checkpoint)
+    elif layout is not None and not layout.describes(config.model):
+        config = _config(_read_yaml(config.path), config.path, layout, checkpoint)
     model = build_model(config, device="meta")  # no time spent initializing weights we overwrite
+    state = _with_rotary_tables(state, model)
     _check_fits(model, state, Path(checkpoint), config)
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device=device, dtype=torch.float32).eval()
@@ -371,6 +491,16 @@ def load_model(checkpoint: str | Path, config: str | Path | Config, device: str 
     if torch.device(device).type == "cpu":
         model.slice_tokens = CPU_SLICE_TOKENS
     return model
+
+
+def _with_rotary_tables(state: Mapping[str, torch.Tensor], model: Roformer) -> Mapping[str, torch.Tensor]:
+    """`state`, given the standard rotary tables if it has none at all (splifft's checkpoints
+    save none: the tables are fixed, never trained); one that has some keeps its own."""
+    keys = [k for k in model.state_dict() if k.endswith("rotary_embed.freqs")]
+    if not keys or any(k in state for k in keys):
+        return state
+    table = rotary_frequencies(model.config.dim_head)
+    return {**state, **{k: table for k in keys}}
 
 
 def _check_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], checkpoint: Path, config: Config) -> None:
@@ -384,7 +514,7 @@ def _check_fits(model: torch.nn.Module, state: Mapping[str, torch.Tensor], check
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         raise CheckpointError(
-            f"{checkpoint}: not a {config.model.title} checkpoint for {config.path.name}: {'; '.join(parts)}"
+            f"{checkpoint}: not a {config.model.name} checkpoint for {config.path.name}: {'; '.join(parts)}"
         )
     for key, shape in expected.items():
         if state[key].shape != shape:

@@ -6,14 +6,16 @@ band split -> alternating time and frequency transformers -> per stem, a per-ban
 estimator -> complex mask on the mixture's spectrum -> iSTFT. They differ in their bands:
 BS-RoFormer cuts the bins into contiguous bands of given widths; MelBand-RoFormer's bands
 are the (overlapping) triangles of a mel filter bank, and each bin's mask is the average of
-the masks its bands estimate for it.
+the masks its bands estimate for it. A BS-RoFormer may have unwa's HyperACE mask estimators,
+which add a convolutional network's per-bin residual to the band masks (:mod:`stemsep.hyperace`).
 
 Module layout and parameter names follow the networks the checkpoints were trained in
 (lucidrains' RoFormers as vendored by audio-separator and ZFTurbo's MSST), so real state
 dicts load strictly; training-only parts (losses, dropout) are left out. Each network is
 built from its config dataclass, whose defaults are the reference classes' defaults (a key
 a yaml leaves out means what it means there). Autocast may run the transformers in
-bf16/fp16; the STFT, iSTFT and mask multiply always run in float32.
+bf16/fp16; the STFT, iSTFT, rotary angles and mask multiply always run in float32 (float64
+when the network and its input are float64, as for parity tests that must not measure rounding).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from stemsep.hyperace import HyperACENetwork
+
 # configs -------------------------------------------------------------------------------------
 
 
@@ -36,7 +40,7 @@ class RoformerConfig:
     """The options both networks share, named as in the yaml's `model` section."""
 
     model_type: ClassVar[str]  # ZFTurbo's MSST name of the architecture
-    title: ClassVar[str]  # its name in messages
+    title: ClassVar[str]  # the architecture's name in messages
 
     dim: int
     depth: int  # (time transformer, frequency transformer) pairs
@@ -58,6 +62,11 @@ class RoformerConfig:
         return 2 if self.stereo else 1
 
     @property
+    def name(self) -> str:
+        """The network in messages."""
+        return self.title
+
+    @property
     def bins(self) -> int:
         return self.stft_n_fft // 2 + 1
 
@@ -68,6 +77,16 @@ class BSRoformerConfig(RoformerConfig):
     title: ClassVar[str] = "BS-RoFormer"
 
     freqs_per_bands: tuple[int, ...]  # contiguous bands' widths in bins, low to high, summing to `bins`
+    # unwa's HyperACE mask estimators, as MSST-WebUI switches them on: `hyperace_version` 1 or 2
+    # (see stemsep.hyperace); the version alone, without the switch, changes nothing.
+    use_mask_estimator_hyper_ace: bool = False
+    hyperace_version: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.use_mask_estimator_hyper_ace:
+            return f"{self.title} with HyperACE v{self.hyperace_version} mask estimators"
+        return self.title
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,12 +117,17 @@ class RMSNorm(nn.Module):
 # attention -----------------------------------------------------------------------------------
 
 
+def rotary_frequencies(dim_head: int, theta: float = 10000.0) -> Tensor:  # (dim_head/2,) float32
+    """The rotary table every published RoFormer was trained with (it is never trained)."""
+    return 1.0 / theta ** (torch.arange(0, dim_head, 2).float() / dim_head)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding over interleaved pairs of the head dimension.
 
     `freqs` is stored in the checkpoint (one copy per attention layer that shares it).
     Angles and the rotation are computed in float32 whatever the autocast dtype, as in
-    the reference, then cast back to the input's dtype.
+    the reference (in float64 for float64 input), then cast back to the input's dtype.
 
     Pair (x, y) at position p turns by p * freq: (x cos - y sin, x sin + y cos), which is
     the complex product (x + iy) e^(i p freq). Eagerly that product is one pass over the
@@ -112,15 +136,15 @@ class RotaryEmbedding(nn.Module):
     which it fuses into one kernel.
     """
 
-    def __init__(self, dim_head: int, theta: float = 10000.0):
+    def __init__(self, dim_head: int):
         super().__init__()
-        inverse_freqs = 1.0 / theta ** (torch.arange(0, dim_head, 2).float() / dim_head)
-        self.freqs = nn.Parameter(inverse_freqs, requires_grad=False)  # (dim_head/2,)
+        self.freqs = nn.Parameter(rotary_frequencies(dim_head), requires_grad=False)  # (dim_head/2,)
 
     def forward(self, t: Tensor) -> Tensor:  # t: (..., n, dim_head)
-        positions = torch.arange(t.shape[-2], device=t.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.freqs.float())  # (n, dim_head/2)
-        pairs = rearrange(t.float(), "... (d r) -> ... d r", r=2)  # (..., n, dim_head/2, 2)
+        precision = torch.promote_types(t.dtype, torch.float32)
+        positions = torch.arange(t.shape[-2], device=t.device, dtype=precision)
+        angles = torch.outer(positions, self.freqs.to(precision))  # (n, dim_head/2)
+        pairs = rearrange(t.to(precision), "... (d r) -> ... d r", r=2)  # (..., n, dim_head/2, 2)
         if torch.compiler.is_compiling():
             x, y = pairs.unbind(-1)
             cos, sin = angles.cos(), angles.sin()
@@ -238,6 +262,19 @@ class MaskEstimator(nn.Module):
         return out
 
 
+class HyperACEMaskEstimator(MaskEstimator):
+    """The band MLPs' masks plus a HyperACE network's residual, which sees all the tokens at
+    once as a (dim x frames x bands) image and answers with a value per (bin, channel, re/im)."""
+
+    def __init__(self, dim: int, band_widths: Sequence[int], hidden_layers: int, expansion: int, version: int, bins: int):
+        super().__init__(dim, band_widths, hidden_layers, expansion)
+        self.segm = HyperACENetwork(version, dim, len(band_widths), bins)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (b, t, bands, dim) -> (b, t, (f s c)), s = 2 channels, c = re/im
+        residual = rearrange(self.segm(rearrange(x, "b t k d -> b d t k")), "b sc t f -> b t (f sc)")
+        return super().forward(x) + residual
+
+
 # mel bands -----------------------------------------------------------------------------------
 
 
@@ -320,12 +357,12 @@ class Roformer(nn.Module):
         self.final_norm = nn.Identity() if norm_each_transformer else RMSNorm(config.dim)
 
         self.band_split = BandSplit(config.dim, band_widths)
-        self.mask_estimators = nn.ModuleList(
-            MaskEstimator(config.dim, band_widths, mlp_hidden_layers, config.mlp_expansion_factor)
-            for _ in range(config.num_stems)
-        )
+        self.mask_estimators = nn.ModuleList(self._mask_estimator(band_widths, mlp_hidden_layers) for _ in range(config.num_stems))
         # Tokens per slice of the transformers' input (None: all at once); see _by_slices.
         self.slice_tokens: int | None = None
+
+    def _mask_estimator(self, band_widths: Sequence[int], mlp_hidden_layers: int) -> MaskEstimator:
+        return MaskEstimator(self.config.dim, band_widths, mlp_hidden_layers, self.config.mlp_expansion_factor)
 
     def _band_input(self, spec: Tensor) -> Tensor:  # spec: (b, t, (f s), c) float -> (b, t, sum(band_widths))
         raise NotImplementedError
@@ -351,10 +388,11 @@ class Roformer(nn.Module):
         if channels != self.audio_channels:
             raise ValueError(f"this network takes {self.audio_channels} audio channel(s), got {channels}")
         window = self.window
+        precision = torch.promote_types(audio.dtype, torch.float32)
 
         with torch.autocast(audio.device.type, enabled=False):
             spec = torch.stft(
-                audio.reshape(b * channels, samples).float(), window=window, return_complex=True, **self.stft_args
+                audio.reshape(b * channels, samples).to(precision), window=window, return_complex=True, **self.stft_args
             )  # (b*channels, freqs, frames)
         # Merge channels into the frequency axis, bin-major, so each band sees all channels.
         x = self._band_input(rearrange(torch.view_as_real(spec), "(b s) f t c -> b t (f s) c", s=channels))
@@ -367,10 +405,10 @@ class Roformer(nn.Module):
 
         masks = [estimator(x) for estimator in self.mask_estimators]  # per stem (b, frames, band values)
         del x  # done with the tokens: free them before the iSTFTs (peak memory)
-        stems = torch.empty(b, len(masks), channels, samples, device=audio.device, dtype=torch.float32)
+        stems = torch.empty(b, len(masks), channels, samples, device=audio.device, dtype=precision)
         with torch.autocast(audio.device.type, enabled=False):
             for i in range(len(masks)):
-                mask, masks[i] = self._spectrum_mask(masks[i].float(), channels), None
+                mask, masks[i] = self._spectrum_mask(masks[i].to(precision), channels), None
                 stem = torch.istft(spec * mask, window=window, length=samples, **self.stft_args)  # (b*channels, samples)
                 stems[:, i] = stem.reshape(b, channels, samples)
         return stems
@@ -378,12 +416,18 @@ class Roformer(nn.Module):
 
 class BSRoformer(Roformer):
     """Band-split RoPE transformer: contiguous bands of `freqs_per_bands` bins each.
-    Its mask estimators' `mask_estimator_depth` counts Linear layers."""
+    Its mask estimators' `mask_estimator_depth` counts Linear layers; they may be HyperACE ones."""
 
     def __init__(self, config: BSRoformerConfig):
         # Each band's features: bins x channels x (real, imag).
         band_widths = [2 * bins * config.audio_channels for bins in config.freqs_per_bands]
         super().__init__(config, band_widths, config.mask_estimator_depth - 1, norm_each_transformer=False)
+
+    def _mask_estimator(self, band_widths: Sequence[int], mlp_hidden_layers: int) -> MaskEstimator:
+        c = self.config
+        if not c.use_mask_estimator_hyper_ace:
+            return super()._mask_estimator(band_widths, mlp_hidden_layers)
+        return HyperACEMaskEstimator(c.dim, band_widths, mlp_hidden_layers, c.mlp_expansion_factor, c.hyperace_version, c.bins)
 
     def _band_input(self, spec: Tensor) -> Tensor:  # (b, t, (f s), c) -> (b, t, (f s c))
         return rearrange(spec, "b t fs c -> b t (fs c)")
