@@ -4,7 +4,11 @@ the token off loopback, no file outside the output folder, upload caps."""
 
 from __future__ import annotations
 
+import base64
+import email
+import email.policy
 import http.client
+import http.server
 import io
 import json
 import os
@@ -16,6 +20,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -423,3 +428,113 @@ def test_the_replicate_path_refuses_uploads_over_replicate_s_limit_before_readin
     assert status == 413
     assert json.loads(body) == {"error": "big.wav: the file is larger than Replicate's upload limit of 100 MB"}
     assert files_under(out / ".uploads") == []
+
+
+# the Replicate path ---------------------------------------------------------------------------
+
+
+class ReplicateRelay:
+    """Replicate's HTTP API as the `replicate` SDK calls it, in front of the real Cog server:
+    uploads are kept and handed to Cog as data URLs, a prediction runs on Cog and comes back
+    finished, and the model's schema is Cog's own /openapi.json."""
+
+    def __init__(self, cog_url: str, token: str):
+        self.cog_url, self.token = cog_url, token
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.predictions: list[dict] = []
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def reply(self, status: int, payload: dict) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.headers.get("Authorization") != f"Bearer {relay.token}":
+                    return self.reply(401, {"detail": "bad token", "status": 401})
+                owner, name = self.path.removeprefix("/v1/models/").split("/")[:2]
+                schema = httpx.get(f"{relay.cog_url}/openapi.json").json()
+                version = {"id": "v1", "created_at": "2026-01-01T00:00:00Z", "cog_version": "0.23.1", "openapi_schema": schema}
+                self.reply(200, {"url": f"https://replicate.com/{owner}/{name}", "owner": owner, "name": name,
+                                 "description": None, "visibility": "private", "github_url": None, "paper_url": None,
+                                 "license_url": None, "run_count": 0, "cover_image_url": None, "default_example": None,
+                                 "latest_version": version})
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Authorization") != f"Bearer {relay.token}":
+                    return self.reply(401, {"detail": "bad token", "status": 401})
+                if self.path == "/v1/files":
+                    message = email.message_from_bytes(
+                        f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + body, policy=email.policy.HTTP)
+                    part = next(p for p in message.iter_parts() if p.get_filename())
+                    file_id = f"file{len(relay.files) + 1}"
+                    relay.files[file_id] = (part.get_payload(decode=True), part.get_content_type())
+                    return self.reply(201, {"id": file_id, "name": part.get_filename(), "content_type": part.get_content_type(),
+                                            "size": len(relay.files[file_id][0]), "etag": "e", "checksums": {}, "metadata": {},
+                                            "created_at": "2026-01-01T00:00:00Z", "expires_at": None,
+                                            "urls": {"get": f"https://api.replicate.com/v1/files/{file_id}"}})
+                request = json.loads(body)
+                inputs = dict(request["input"])
+                data, mime = relay.files[inputs["audio"].rsplit("/", 1)[-1]]
+                inputs["audio"] = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+                answer = httpx.post(f"{relay.cog_url}/predictions", json={"input": inputs}, timeout=300).json()
+                prediction = {"id": f"p{len(relay.predictions) + 1}", "model": "owner/stemsep", "version": "v1",
+                              "input": request["input"], "status": answer["status"], "output": answer.get("output"),
+                              "error": answer.get("error"), "logs": answer.get("logs", ""), "urls": {}}
+                relay.predictions.append(prediction)
+                self.reply(201, prediction)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_the_replicate_path_through_the_real_cog_server_gives_the_same_files_as_the_local_path(
+        tmp_path, model_files, monkeypatch):
+    from cogserver import cog_server
+
+    checkpoint, config = model_files
+    env = {"STEMSEP_CHECKPOINT": str(checkpoint), "STEMSEP_CONFIG": str(config), "STEMSEP_DEVICE": "cpu",
+           "STEMSEP_COMPILE": "0", "STEMSEP_WORK_DIR": str(tmp_path / "cog")}
+    with cog_server(env) as cog:
+        assert cog.health()["status"] == "READY", cog.logs()[-3000:]
+        relay = ReplicateRelay(cog.url, "r8_relay")
+        try:
+            monkeypatch.setenv("REPLICATE_BASE_URL", relay.url)
+            monkeypatch.setenv("REPLICATE_API_TOKEN", "r8_relay")
+            monkeypatch.setenv("REPLICATE_MODEL", "owner/stemsep")
+            app = make_app(tmp_path, model_files, overlap=None)  # the model's own overlap, as on Cog
+            with TestClient(app, base_url=BASE) as client:
+                hosted = client.get("/api/config").json()["replicate"]
+                assert hosted["configured"] and hosted["model"] == "owner/stemsep"
+                assert hosted["choices"] == ["1297", "kim-vocals", "duality-v2", "karaoke"]  # from Cog's schema
+                assert hosted["stems"]["karaoke"] == ["karaoke", "other"]
+                song = write_song(tmp_path / "duet.wav", 2.0)
+                upload(client, song, engine="local")
+                upload(client, song, engine="replicate", model="1297")
+                jobs = finished(app, 300)
+                assert [j["state"] for j in jobs] == ["done", "done"], [j["error"] for j in jobs]
+                records = {r["engine"]: r for r in client.get("/api/separations").json()["separations"]}
+        finally:
+            relay.close()
+    assert [p["input"]["model"] for p in relay.predictions] == ["1297"]
+    local, hosted = records["local"], records["replicate"]
+    assert hosted["model"] == "owner/stemsep (1297)"
+    assert local["stems"] == hosted["stems"] == {"vocals": "duet_vocals.wav", "instrumental": "duet_instrumental.wav"}
+    for name in local["stems"].values():
+        assert (tmp_path / "out" / hosted["id"] / name).read_bytes() == (tmp_path / "out" / local["id"] / name).read_bytes()
