@@ -232,6 +232,17 @@ def test_the_upload_needs_as_much_free_space_as_it_is_long(tmp_path, model_files
     assert response.status_code == 507 and "not enough free disk space" in response.json()["error"]
 
 
+def test_the_replicate_settings_from_the_page_are_checked_and_an_unreachable_api_is_one_sentence(client, monkeypatch):
+    monkeypatch.setenv("REPLICATE_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    response = client.post("/api/replicate", json={"model": "not a model", "token": "t"}, headers=SAME_ORIGIN)
+    assert response.status_code == 400 and "is not of the form owner/name" in response.json()["error"]
+    assert client.post("/api/replicate", json=["x"], headers=SAME_ORIGIN).status_code == 400
+    state = client.post("/api/replicate", json={"model": "owner/model", "token": "r8_x"}, headers=SAME_ORIGIN).json()
+    assert state["configured"] and state["model"] == "owner/model" and state["choices"] == []
+    assert state["error"].startswith("could not read the inputs of the Replicate model owner/model (")
+    assert client.get("/api/config").json()["replicate"]["configured"]
+
+
 # who may talk to it ---------------------------------------------------------------------------
 
 

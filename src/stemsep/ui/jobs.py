@@ -199,7 +199,7 @@ class JobQueue:
     def _end(self, job: Job, state: str, error: str | None = None) -> None:
         with self._changed:
             job.state, job.stage, job.error, job.ended_at = state, state, error, time.time()
-            self.library.discard_upload(job.upload)
+            self.library.discard_temp(job.upload)
             finished = [j for j in self.jobs if j.state not in ("queued", "running")]
             for old in finished[:-KEEP_FINISHED]:
                 self.jobs.remove(old)

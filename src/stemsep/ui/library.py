@@ -5,7 +5,8 @@ small JSON record (:data:`RECORD_NAME`: the song, model, options, stems and when
 separation is written into a hidden ``.<id>.part`` folder and renamed into place with its
 record last, so a listed separation is always whole; a canceled or failed one's folder is
 removed. Uploads wait in the hidden ``.uploads`` folder, each in a folder of its own under
-the song's own file name (so errors name the user's file), and are removed once separated.
+the song's own file name (so errors name the user's file), and are removed once separated;
+an exported mix waits there too while it is sent.
 
 Only the files a record lists are ever served or deleted, and only when their real path
 (symlinks resolved) is inside the output folder: anything else is "not found".
@@ -82,14 +83,14 @@ class Library:
 
     # new separations ----------------------------------------------------------------------
 
-    def new_upload(self, filename: str) -> Path:
-        """A fresh path for an uploaded file, under its own (sanitized) name."""
+    def temp_file(self, filename: str) -> Path:
+        """A fresh path for an upload or a mix being sent, under its own (sanitized) name."""
         folder = self.uploads / secrets.token_hex(8)
         folder.mkdir(parents=True)
         return folder / safe_filename(filename)
 
     @staticmethod
-    def discard_upload(path: Path) -> None:
+    def discard_temp(path: Path) -> None:
         shutil.rmtree(path.parent, ignore_errors=True)
 
     def new_separation(self, song: str) -> tuple[str, Path]:

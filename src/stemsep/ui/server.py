@@ -105,9 +105,13 @@ class UI:
         return CUSTOM if self.custom_stems is not None else self.settings.model or catalogue.DEFAULT
 
     def replicate_state(self) -> dict[str, Any]:
+        """The Replicate settings for the page; `error` says why the model's choices are unknown."""
         engine = self.replicate
-        choices = engine.model_choices() if engine.configured else []
-        return {"configured": engine.configured, "model": engine.model, "choices": choices,
+        try:
+            choices, error = (engine.model_choices() if engine.configured else []), None
+        except StemsepError as exc:
+            choices, error = [], str(exc)
+        return {"configured": engine.configured, "model": engine.model, "choices": choices, "error": error,
                 "stems": {name: list(catalogue.MODELS[name].stems) for name in choices if name in catalogue.MODELS},
                 "max_upload_bytes": MAX_UPLOAD_BYTES}
 
@@ -135,10 +139,7 @@ async def index(request: Request) -> Response:
 async def config(request: Request) -> Response:
     ui = _ui(request)
     s = ui.settings
-    try:
-        replicate = ui.replicate_state()
-    except StemsepError as exc:
-        replicate = {"configured": False, "model": ui.replicate.model, "choices": [], "error": str(exc)}
+    replicate = await run_in_threadpool(ui.replicate_state)  # may ask Replicate for the model's schema
     return JSONResponse({
         "models": ui.models(), "model": ui.initial_model(), "formats": list(OUTPUT_FORMATS), "format": s.output_format,
         "tta": s.tta, "mixer_minutes": s.mixer_minutes, "max_upload_bytes": s.max_upload_bytes,
@@ -177,7 +178,7 @@ async def create_job(request: Request) -> Response:
     if size + FREE_SPACE_MARGIN > free:
         return _error(f"{song}: not enough free disk space in {ui.library.root} for the upload "
                       f"({_megabytes(size)} needed, {_megabytes(free)} free)", 507)
-    path = ui.library.new_upload(song)
+    path = ui.library.temp_file(song)
     received = 0
     try:
         with open(path, "wb") as out:
@@ -189,7 +190,7 @@ async def create_job(request: Request) -> Response:
         if received != size:
             raise ValueError("fewer bytes than stated")
     except (ClientDisconnect, ValueError, OSError) as exc:
-        ui.library.discard_upload(path)
+        ui.library.discard_temp(path)
         return _error(f"{song}: the upload did not arrive whole ({exc})")
     options = Options(model=model, stems=stems, output_format=output_format, tta=q.get("tta") in ("1", "true"),
                       engine=engine)
@@ -252,13 +253,13 @@ async def mix(request: Request) -> Response:
         return _error("gains must be numbers, one per stem")
     if not all(0 <= g <= MAX_GAIN for g in gains):
         return _error(f"gains must be from 0 to {MAX_GAIN}")
-    dest = library.new_upload(f"{Path(record.song).stem}_mix.wav")
+    dest = library.temp_file(f"{Path(record.song).stem}_mix.wav")
     try:
         await run_in_threadpool(mixdown, paths, gains, dest)
     except StemsepError as exc:
-        library.discard_upload(dest)
+        library.discard_temp(dest)
         return _error(str(exc))
-    return FileResponse(dest, filename=dest.name, background=BackgroundTask(library.discard_upload, dest))
+    return FileResponse(dest, filename=dest.name, background=BackgroundTask(library.discard_temp, dest))
 
 
 async def stem_file(request: Request) -> Response:
@@ -273,8 +274,10 @@ async def set_replicate(request: Request) -> Response:
     ui = _ui(request)
     try:
         body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
         ui.replicate.configure(str(body.get("model") or ""), str(body.get("token") or ""))
-        return JSONResponse(ui.replicate_state())
+        return JSONResponse(await run_in_threadpool(ui.replicate_state))
     except ValueError:
         return _error("the request is not JSON")
     except StemsepError as exc:
