@@ -170,3 +170,48 @@ def test_separate_mix_and_download_in_a_real_browser(server, tmp_path):
     assert [r for r in requests if r.split("/")[2] != origin] == []  # nothing from another host
     assert problems == []
     assert list((out / ".uploads").rglob("*")) == []  # uploads removed once separated
+
+
+STRETCH = """async ([speed, frequency]) => {
+  // the page's own worklet in an offline context: a sine as the one stem, played at `speed`
+  const rate = 44100;
+  const context = new OfflineAudioContext({ numberOfChannels: 2, length: 2 * rate, sampleRate: rate });
+  await context.audioWorklet.addModule("/static/mixer-worklet.js");
+  const node = new AudioWorkletNode(context, "stemsep-mixer", { numberOfInputs: 0, numberOfOutputs: 1, outputChannelCount: [2] });
+  node.connect(context.destination);
+  const tone = new Float32Array(4 * rate).map((_, i) => 0.5 * Math.sin((2 * Math.PI * frequency * i) / rate));
+  const states = [];
+  node.port.onmessage = (event) => event.data.type === "state" && states.push(event.data);
+  const loaded = context.suspend(128 / rate).then(() => new Promise((resolve) => {
+    for (const message of [{ type: "reset", count: 1, length: tone.length }, { type: "stem", index: 0, channels: [tone] },
+                           { type: "speed", speed }, { type: "play" }, { type: "state" }]) node.port.postMessage(message);
+    const wait = () => (states.length ? resolve(context.resume()) : setTimeout(wait, 5));
+    wait();
+  }));
+  const rendered = await context.startRendering();
+  await loaded;
+  node.port.postMessage({ type: "state" });
+  while (states.length < 2) await new Promise((resolve) => setTimeout(resolve, 10));
+  return { left: Array.from(rendered.getChannelData(0)), frame: states[1].frame };
+}"""
+
+
+def test_slower_or_faster_playback_keeps_the_pitch(server):
+    """The mixer's time stretch (WSOLA) on a 440 Hz sine: still 440 Hz at its level with no
+    clicks, while the playhead moves at the chosen speed."""
+    url, _, _ = server
+    rate, frequency, amplitude = 44100, 440, 0.5
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.goto(url)
+        results = {speed: page.evaluate(STRETCH, [speed, frequency]) for speed in (0.5, 0.75, 1.25)}
+        browser.close()
+    steepest = 2 * np.pi * frequency / rate * amplitude  # the sine's largest step from one sample to the next
+    for speed, result in results.items():
+        x = np.array(result["left"][rate // 2 : 3 * rate // 2])  # one second, past the first frames
+        spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+        assert np.fft.rfftfreq(len(x), 1 / rate)[np.argmax(spectrum)] == pytest.approx(frequency, abs=1)
+        assert np.sqrt(np.mean(x**2)) == pytest.approx(amplitude / np.sqrt(2), rel=0.01)
+        assert np.abs(np.diff(x)).max() <= 1.05 * steepest
+        assert result["frame"] == pytest.approx(speed * len(result["left"]), rel=0.03)
