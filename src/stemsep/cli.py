@@ -486,8 +486,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# entry point -----------------------------------------------------------------------------
-
 # ui --------------------------------------------------------------------------------------
 
 
@@ -528,6 +526,8 @@ def _run_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+# entry point -----------------------------------------------------------------------------
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stemsep", description=__doc__.splitlines()[0])
@@ -538,9 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_remote(sub)
     _add_serve_webhooks(sub)
     _add_eval(sub)
+    _add_ui(sub)
     return parser
 
-    _add_ui(sub)
 
 # Optional packages, by the extra that installs them.
 _EXTRAS = {name: "remote" for name in ("replicate", "httpx", "standardwebhooks", "starlette", "uvicorn")} | {"museval": "eval"}
