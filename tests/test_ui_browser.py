@@ -86,6 +86,7 @@ def test_separate_mix_and_download_in_a_real_browser(server, tmp_path):
             assert row.locator(".volume").is_visible() and row.locator(".mute").is_visible()
             assert row.locator(".solo").is_visible() and row.locator(".wave").is_visible()
         assert page.locator("#queue .job.done").count() == 1
+        assert page.locator("#time").inner_text() == "0:00 / 0:06"
 
         def worklet() -> dict:
             return page.evaluate("() => window.stemsepMixer.state()")

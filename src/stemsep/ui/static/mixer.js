@@ -71,7 +71,7 @@ export class Mixer {
     this.sendLoop();
     this.node.port.postMessage({ type: "speed", speed: Number(this.el("#speed").value) });
     this.setPlayable(true);
-    this.draw();
+    this.updateTransport();
     return null;
   }
 
