@@ -9,9 +9,13 @@ import hashlib
 import http.server
 import io
 import os
+import multiprocessing
+import multiprocessing.synchronize
 import random
+import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +38,9 @@ class _Server:
 
     def __init__(self) -> None:
         self.hits: collections.Counter[str] = collections.Counter()
+        self.ranges: list[tuple[str, str | None]] = []  # (path, Range header) per request
+        self.active = self.most_active = 0  # /slow requests in flight, now and at most
+        self.files: dict[str, bytes] = {}  # more paths to serve, with Range
         self.release = threading.Event()  # lets stalled handlers finish at teardown
         server = self
 
@@ -48,9 +55,47 @@ class _Server:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _send_range(self, body: bytes) -> None:
+                """`body`, or the part of it after a `Range: bytes=N-` request (206)."""
+                asked = self.headers.get("Range")
+                if asked is None:
+                    self._send(body)
+                    return
+                start = int(asked.removeprefix("bytes=").removesuffix("-"))
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                self.wfile.write(body[start:])
+
             def do_GET(self) -> None:
                 server.hits[self.path] += 1
-                if self.path in ("/good/model.ckpt", "/other/model.ckpt"):
+                server.ranges.append((self.path, self.headers.get("Range")))
+                if self.path == "/flaky/model.ckpt" and server.hits[self.path] == 1:
+                    # The first request breaks off after a third; later ones honour Range.
+                    self._send(PAYLOAD[: len(PAYLOAD) // 3], length=len(PAYLOAD))
+                    self.wfile.flush()
+                    self.close_connection = True
+                elif self.path in ("/flaky/model.ckpt", "/ranged/model.ckpt"):
+                    self._send_range(PAYLOAD)
+                elif self.path in server.files:
+                    self._send_range(server.files[self.path])
+                elif self.path == "/slow/model.ckpt":
+                    # 24 pieces 50 ms apart: long enough for a second downloader to queue up.
+                    server.active += 1
+                    server.most_active = max(server.most_active, server.active)
+                    try:
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(PAYLOAD)))
+                        self.end_headers()
+                        piece = len(PAYLOAD) // 24
+                        for i in range(0, len(PAYLOAD), piece):
+                            self.wfile.write(PAYLOAD[i : i + piece])
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    finally:
+                        server.active -= 1
+                elif self.path in ("/good/model.ckpt", "/other/model.ckpt"):
                     self._send(PAYLOAD)
                 elif self.path == "/good/model.yaml":
                     self._send(CONFIG)
@@ -121,7 +166,11 @@ def server():
 
 
 def _leftovers(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
+    """The files in `directory` but the lock files (which stay, see stemsep.weights._locked)."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".lock"))
+
+
+PART = ".model.ckpt.part"  # where model.ckpt's bytes gather, kept for a resume
 
 
 # the default model -------------------------------------------------------------------------
@@ -219,22 +268,50 @@ def test_existing_corrupt_file_is_replaced(server, tmp_path, corrupt):
     assert _leftovers(tmp_path) == ["model.ckpt", "model.yaml"]
 
 
-def test_connection_dropped_mid_body_is_a_failure_and_leaves_nothing(server, tmp_path):
+def test_connection_dropped_mid_body_is_a_failure_and_keeps_only_the_part_file(server, tmp_path):
     with pytest.raises(WeightsDownloadError, match=r"truncated/model\.ckpt: connection closed early"):
         weights.download(server.model("truncated"), tmp_path, progress=False)
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(tmp_path) == [PART]  # nothing under the final name
+    assert (tmp_path / PART).read_bytes() == PAYLOAD[: len(PAYLOAD) // 3]
 
 
-def test_connection_dropped_mid_body_moves_on_to_the_next_mirror(server, tmp_path):
+def test_connection_dropped_mid_body_moves_on_to_the_next_mirror_which_restarts_if_it_ignores_range(server, tmp_path):
     weights.download(server.model("truncated", "other"), tmp_path, progress=False)
     assert (tmp_path / "model.ckpt").read_bytes() == PAYLOAD
     assert _leftovers(tmp_path) == ["model.ckpt", "model.yaml"]
+    assert ("/other/model.ckpt", f"bytes={len(PAYLOAD) // 3}-") in server.ranges  # asked for the rest, got it all
 
 
-def test_stalled_server_times_out_and_leaves_nothing(server, tmp_path):
+def test_an_interrupted_download_resumes_where_it_broke_off(server, tmp_path):
+    """The first request breaks off after a third; the next asks for the rest only."""
+    with pytest.raises(WeightsDownloadError, match="connection closed early"):
+        weights.download(server.model("flaky"), tmp_path, progress=False)
+    assert _leftovers(tmp_path) == [PART]
+    weights.download(server.model("flaky"), tmp_path, progress=False)
+    assert (tmp_path / "model.ckpt").read_bytes() == PAYLOAD
+    assert [r for r in server.ranges if r[0] == "/flaky/model.ckpt"] == [
+        ("/flaky/model.ckpt", None), ("/flaky/model.ckpt", f"bytes={len(PAYLOAD) // 3}-")]
+    assert _leftovers(tmp_path) == ["model.ckpt", "model.yaml"]
+
+
+def test_a_resume_on_wrong_kept_bytes_is_refused_then_fetched_again_from_the_start(server, tmp_path):
+    (tmp_path / PART).write_bytes(SAME_SIZE_WRONG[:1000])  # not the file's first bytes
+    weights.download(server.model("ranged"), tmp_path, progress=False)
+    assert (tmp_path / "model.ckpt").read_bytes() == PAYLOAD
+    assert [r[1] for r in server.ranges if r[0] == "/ranged/model.ckpt"] == ["bytes=1000-", None]
+    assert _leftovers(tmp_path) == ["model.ckpt", "model.yaml"]
+
+
+def test_a_complete_part_file_is_checked_without_a_request(server, tmp_path):
+    (tmp_path / PART).write_bytes(PAYLOAD)
+    weights.download(server.model("good"), tmp_path, progress=False)
+    assert (tmp_path / "model.ckpt").read_bytes() == PAYLOAD and server.hits["/good/model.ckpt"] == 0
+
+
+def test_stalled_server_times_out_and_leaves_nothing_under_the_final_name(server, tmp_path):
     with pytest.raises(WeightsDownloadError, match=r"stall/model\.ckpt: timed out"):
         weights.download(server.model("stall"), tmp_path, progress=False, timeout=0.3)
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(tmp_path) == [PART]
 
 
 def test_refused_connection_is_a_failure(server, tmp_path):
@@ -245,10 +322,81 @@ def test_refused_connection_is_a_failure(server, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_ctrl_c_mid_download_leaves_no_partial_file(server, tmp_path):
+def test_ctrl_c_mid_download_leaves_nothing_under_the_final_name(server, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         weights.download(server.model("interrupt"), tmp_path, progress=False, timeout=5)
-    assert _leftovers(tmp_path) == []
+    assert set(_leftovers(tmp_path)) <= {PART}  # the part file, if the body had begun
+
+
+def test_progress_callback_gets_increasing_byte_counts_up_to_the_size(server, tmp_path):
+    calls = []
+    weights.download(server.model("good"), tmp_path, progress=False, on_progress=lambda *a: calls.append(a))
+    ckpt = [(done, total) for done, total, name in calls if name == "model.ckpt"]
+    assert ckpt[0] == (0, len(PAYLOAD)) and ckpt[-1] == (len(PAYLOAD), len(PAYLOAD)) and len(ckpt) >= 3
+    assert all(a[0] < b[0] for a, b in zip(ckpt, ckpt[1:]))
+    assert [c for c in calls if c[2] == "model.yaml"][-1] == (len(CONFIG), len(CONFIG), "model.yaml")
+
+
+def test_progress_of_a_resumed_download_starts_at_the_bytes_kept(server, tmp_path):
+    (tmp_path / PART).write_bytes(PAYLOAD[:1000])
+    calls = []
+    weights.download(server.model("ranged"), tmp_path, progress=False, on_progress=lambda *a: calls.append(a))
+    assert calls[0] == (1000, len(PAYLOAD), "model.ckpt")
+
+
+def test_free_space_is_checked_before_anything_is_fetched(server, tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=10 << 20))
+    with pytest.raises(WeightsDownloadError) as info:
+        weights.download(server.model("good"), tmp_path, progress=False)
+    assert str(info.value) == (
+        f"not enough free disk space in {tmp_path} for model.ckpt: about 66 MB needed, 10 MB free"
+    )
+    assert sum(server.hits.values()) == 0 and _leftovers(tmp_path) == []
+
+
+def _download_in_a_process(mirror: str, directory: str, start: multiprocessing.synchronize.Barrier) -> None:
+    """What a second program does: fetch the test model (its own copy of the catalogue entry)."""
+    model = Model(name="test-model", title="test", architecture="bs_roformer", stems=("vocals", "instrumental"),
+                  checkpoint=WeightFile("model.ckpt", PAYLOAD_SHA, len(PAYLOAD), (mirror,), dtype="fp32"),
+                  config=WeightFile("model.yaml", CONFIG_SHA, len(CONFIG), (mirror.replace("slow/model.ckpt", "good/model.yaml"),)),
+                  licence=None, scores=())
+    start.wait()
+    weights.download(model, directory, progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_downloading_the_same_model_end_with_one_good_file(server, tmp_path):
+    """Two programs fetch the same model at once: one downloads, the other waits for the
+    lock and finds the file in place (the server sees one transfer, never two at a time)."""
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)
+    processes = [context.Process(target=_download_in_a_process, args=(server.url("/slow/model.ckpt"), str(tmp_path), start))
+                 for _ in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [p.exitcode for p in processes] == [0, 0]
+    assert (tmp_path / "model.ckpt").read_bytes() == PAYLOAD
+    assert server.hits["/slow/model.ckpt"] == 1 and server.most_active == 1
+    assert _leftovers(tmp_path) == ["model.ckpt", "model.yaml"]
+
+
+def test_a_lock_held_elsewhere_makes_a_download_wait(server, tmp_path):
+    """While another process holds a file's lock, download() waits; once it is released the
+    file is fetched."""
+    import fcntl
+
+    fd = os.open(tmp_path / ".model.ckpt.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (weights.download(server.model("good"), tmp_path, progress=False), done.set()))
+    worker.start()
+    assert not done.wait(0.5) and server.hits["/good/model.ckpt"] == 0
+    os.close(fd)
+    worker.join(10)
+    assert done.is_set() and (tmp_path / "model.ckpt").read_bytes() == PAYLOAD
 
 
 def test_progress_bar_goes_to_stderr_only_when_asked(server, tmp_path, capsys):
@@ -263,8 +411,14 @@ def test_a_write_failure_stops_at_once_and_leaves_nothing(server, tmp_path, monk
         def write(self, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    real_fdopen = os.fdopen
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode, buffering=0)))
+    real_open = open
+
+    def opening(path, mode="r", *args, **kwargs):
+        if "b" in mode and ("w" in mode or "+" in mode):  # the part file, written
+            return FullDisk(real_open(path, mode, buffering=0))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(weights, "open", opening, raising=False)
     with pytest.raises(WeightsDownloadError) as info:
         weights.download(server.model("good", "other"), tmp_path, progress=False)
     assert str(info.value) == f"cannot write {tmp_path / 'model.ckpt'} (No space left on device)"
@@ -395,3 +549,111 @@ def test_cli_models_verify_with_nothing_downloaded_says_so(test_catalogue, tmp_p
     assert capsys.readouterr().err == (
         f"stemsep: error: no model is downloaded in {tmp_path}: download one first (stemsep models download NAME)\n"
     )
+
+
+# first use -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_catalogue(server, tmp_path, monkeypatch):
+    """A catalogue whose one model, 'tiny' (the default), is a small real network served by
+    the local server, behind a mirror that answers 404; the weights folder is empty."""
+    from stemsep.testing import FAST_CONFIG, make_model_files
+
+    ckpt, config = make_model_files(tmp_path / "made", FAST_CONFIG, mask=1.0, name="tiny")
+    files = []
+    for path in (ckpt, config):
+        data = path.read_bytes()
+        server.files[f"/tiny/{path.name}"] = data
+        files.append(WeightFile(path.name, hashlib.sha256(data).hexdigest(), len(data),
+                                (server.url(f"/missing/{path.name}"), server.url(f"/tiny/{path.name}")), dtype="fp32"))
+    model = Model(name="tiny", title="tiny", architecture="bs_roformer", stems=("vocals", "instrumental"),
+                  checkpoint=files[0], config=files[1], licence=None, scores=())
+    monkeypatch.setattr(catalogue, "MODELS", {"tiny": model})
+    monkeypatch.setattr(catalogue, "DEFAULT", "tiny")
+    monkeypatch.setenv("STEMSEP_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.delenv(weights.OFFLINE_ENV, raising=False)
+    return model
+
+
+def test_model_files_downloads_a_missing_model_then_uses_it_as_it_is(tiny_catalogue, server, tmp_path):
+    calls = []
+    paths = weights.model_files("tiny", on_progress=lambda *a: calls.append(a))
+    assert paths == tiny_catalogue.paths(tmp_path / "weights") and all(p.is_file() for p in paths)
+    assert [c[2] for c in calls][-1] == tiny_catalogue.config.name and calls[-1][0] == calls[-1][1]
+    assert server.hits[f"/tiny/{tiny_catalogue.checkpoint.name}"] == 1
+    assert weights.model_files("tiny") == paths and server.hits[f"/tiny/{tiny_catalogue.checkpoint.name}"] == 1
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_offline_a_missing_model_is_one_sentence_and_no_request(tiny_catalogue, server, tmp_path, monkeypatch, how):
+    from stemsep.catalogue import ModelNotDownloadedError
+
+    if how == "environment":
+        monkeypatch.setenv(weights.OFFLINE_ENV, "1")
+    with pytest.raises(ModelNotDownloadedError) as info:
+        weights.model_files("tiny", offline=True if how == "argument" else None)
+    assert str(info.value) == (
+        f"model tiny is not downloaded in {tmp_path / 'weights'}, and offline mode forbids downloading it"
+    )
+    assert sum(server.hits.values()) == 0 and not (tmp_path / "weights").exists()
+
+
+def test_offline_false_overrides_the_environment(tiny_catalogue, monkeypatch):
+    monkeypatch.setenv(weights.OFFLINE_ENV, "1")
+    assert all(p.is_file() for p in weights.model_files("tiny", offline=False))
+
+
+def test_separator_downloads_its_model_on_first_use_and_separates(tiny_catalogue, server):
+    import numpy as np
+
+    from stemsep.separator import Separator
+
+    calls = []
+    separator = Separator(model="tiny", device="cpu", download_progress=lambda *a: calls.append(a))
+    assert {c[2] for c in calls} == {tiny_catalogue.checkpoint.name, tiny_catalogue.config.name}
+    mix = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 8000)).astype(np.float32)
+    stems = separator.separate_array(mix, 44100)
+    assert set(stems) == {"vocals", "instrumental"}
+    np.testing.assert_allclose(stems["vocals"], mix, atol=1e-4)  # the constant mask 1 gives the mix back
+
+
+def test_separator_offline_is_one_sentence(tiny_catalogue, server):
+    from stemsep.catalogue import ModelNotDownloadedError
+    from stemsep.separator import Separator
+
+    with pytest.raises(ModelNotDownloadedError, match=r"^model tiny is not downloaded in .*, and offline mode forbids downloading it$"):
+        Separator(model="tiny", device="cpu", offline=True)
+    assert sum(server.hits.values()) == 0
+
+
+def test_cli_separate_downloads_the_model_on_first_use(tiny_catalogue, server, tmp_path, capsys):
+    import soundfile as sf
+
+    from stemsep.testing import tones
+
+    song = tmp_path / "song.wav"
+    sf.write(song, tones(44100, 8000, 2).T, 44100)
+    assert cli.main(["separate", str(song), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(tmp_path / "out" / "song_vocals.wav"), str(tmp_path / "out" / "song_instrumental.wav")]
+    assert server.hits[f"/tiny/{tiny_catalogue.checkpoint.name}"] == 1
+
+
+def test_cli_separate_offline_prints_one_sentence(tiny_catalogue, server, tmp_path, capsys):
+    song = tmp_path / "song.wav"
+    song.write_bytes(b"")
+    assert cli.main(["separate", str(song), "--offline"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"stemsep: error: model tiny is not downloaded in {tmp_path / 'weights'}, and offline mode forbids downloading it\n"
+    )
+    assert sum(server.hits.values()) == 0
+
+
+
+@pytest.mark.parametrize("command", [["separate", "song.wav"], ["eval", "dataset"]])
+def test_offline_is_an_option_of_the_commands_that_run_a_model(command):
+    parser = cli.build_parser()
+    assert parser.parse_args([*command, "--offline"]).offline is True
+    assert parser.parse_args(command).offline is None  # then $STEMSEP_OFFLINE decides

@@ -42,14 +42,20 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true",
                    help="quality mode: average the network over the song, its swapped channels and its inverted "
                         "polarity (3x the network time)")
+    p.add_argument("--offline", action="store_true", default=None,
+                   help="never download: a model not in the weights folder is an error (also $STEMSEP_OFFLINE=1); "
+                        "by default a missing model is downloaded and checksummed on first use")
 
 
 def _load_separator(args: argparse.Namespace):
     """A Separator for the chosen model, or an Ensemble of several."""
     from stemsep.separator import Ensemble, Separator
+    from stemsep.weights import ProgressBar
 
     names, checkpoints, configs = args.model or [], args.checkpoint or [], args.config or []
-    options = dict(device=args.device, batch_size=args.batch_size, precision=args.precision, compile=args.compile)
+    bar = ProgressBar() if sys.stderr.isatty() else None  # a model downloaded on first use
+    options = dict(device=args.device, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
+                   offline=args.offline, download_progress=bar)
     if len(checkpoints) <= 1 and len(configs) <= 1:
         if (checkpoints or configs) and len(names) > 1:
             raise StemsepError("--checkpoint/--config replace the files of one --model; for an ensemble, repeat them in pairs")
@@ -60,6 +66,8 @@ def _load_separator(args: argparse.Namespace):
     else:
         members = [Separator(c, f, **options) for c, f in zip(checkpoints, configs)]
         members += [Separator(model=name, **options) for name in names]
+    if bar is not None:
+        bar.close()
     return members[0] if len(members) == 1 else Ensemble(members)
 
 
