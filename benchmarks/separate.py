@@ -301,14 +301,15 @@ def run_worker(tool: str, input_path: Path, model: dict[str, str], out_dir: Path
 
 
 def sdr_db(reference: Path, estimate: Path) -> float:
-    """10 log10(sum s^2 / sum (s - s_hat)^2) over the whole file, audio-separator's vocals as s."""
+    """The SNR of the file `estimate` against `reference` over the whole file (audio-separator's
+    vocals as the reference), 10 log10(sum s^2 / sum (s - s_hat)^2)."""
+    from stemsep.compilation import snr_db
+
     s, _ = sf.read(reference, dtype="float32", always_2d=True)
     e, _ = sf.read(estimate, dtype="float32", always_2d=True)
     if s.shape != e.shape:
         raise SystemExit(f"vocals differ in shape: audio-separator {s.shape}, stemsep {e.shape}")
-    signal = float(np.sum(np.square(s, dtype=np.float64)))
-    error = float(np.sum(np.square(s.astype(np.float64) - e)))
-    return 10 * math.log10(signal / error) if error else math.inf
+    return snr_db(s, e)
 
 
 def machine(device: str) -> dict:

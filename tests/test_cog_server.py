@@ -33,16 +33,15 @@ import torch
 from cogserver import REPO, cog_server, http, wait_for
 
 from stemsep import compilation
-from stemsep.compilation import TOLERANCE_DB
+from stemsep.choices import MAX_OVERLAP
+from stemsep.compilation import TOLERANCE_DB, snr_db
 from stemsep.decode import decode
 from stemsep.reference import CHECKPOINT_NAME, CONFIG_NAME
-from stemsep.separator import MAX_OVERLAP
 from stemsep.testing import (
     FAST_CONFIG,
     TINY_MODEL,
     config_dict,
     make_model_files,
-    snr,
     tones,
 )
 
@@ -699,7 +698,7 @@ def test_setup_never_waits_for_the_compiler_and_the_compiled_network_takes_over(
         eager = [decode_data_url(url)[0] for url in first["output"]]
         assert eager[0].shape == eager[1].shape == x.shape
         assert np.abs(eager[0] + eager[1] - x).max() < 1e-6  # vocals + instrumental = the mix
-        assert snr(x, eager[0]) < 20  # random weights: the vocals are not the mix
+        assert snr_db(x, eager[0]) < 20  # random weights: the vocals are not the mix
 
         def compiled() -> bool:
             time.sleep(1)
@@ -712,7 +711,7 @@ def test_setup_never_waits_for_the_compiler_and_the_compiled_network_takes_over(
         later = server.predict(request).json()
         assert later["status"] == "succeeded" and "network compiled" in later["logs"], later.get("logs")
         for before, after in zip(eager, (decode_data_url(url)[0] for url in later["output"])):
-            assert snr(before, after) >= TOLERANCE_DB["fp32"]
+            assert snr_db(before, after) >= TOLERANCE_DB["fp32"]
     print(f"READY {ready_s:.1f} s after start; compiled network in use {swapped_s:.1f} s after start")
 
 

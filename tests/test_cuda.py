@@ -12,9 +12,10 @@ import soundfile as sf
 import torch
 
 from stemsep.chunking import StreamingSeparation, separate_chunks
+from stemsep.compilation import snr_db
 from stemsep.runner import BatchRunner, default_batch_size
 from stemsep.separator import Separator
-from stemsep.testing import FAST_CONFIG, make_model_files, snr, tones
+from stemsep.testing import FAST_CONFIG, make_model_files, tones
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -42,7 +43,7 @@ def test_fp32_on_the_gpu_matches_the_cpu(files, cpu_fp32):
 def test_reduced_precision_on_the_gpu(files, cpu_fp32, precision, min_snr):
     mix, expected = cpu_fp32
     out = Separator(*files, device="cuda", precision=precision).separate_array(mix, 44100)["vocals"]
-    value = snr(expected, out)
+    value = snr_db(expected, out)
     print(f"cuda {precision} vs cpu fp32: SNR {value:.1f} dB")
     assert value > min_snr
 
@@ -89,8 +90,8 @@ def test_compiled_on_the_gpu_matches_eager(files, cpu_fp32):
     assert separator.wait_for_compile(timeout=600), separator.compilation.state  # compiled, not fallen back to eager
     assert separator.runner.compiled.shape[0] == 4
     compiled = separator.separate_array(mix, 44100)["vocals"]
-    assert snr(eager, compiled) > 35
-    assert snr(expected, compiled) > 35
+    assert snr_db(eager, compiled) > 35
+    assert snr_db(expected, compiled) > 35
 
 
 def test_file_to_stems_on_the_gpu_adds_up_to_the_mix(files, tmp_path):

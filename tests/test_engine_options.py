@@ -13,7 +13,7 @@ from stemsep.errors import StemsepError
 from stemsep.chunking import separate_chunks
 from stemsep.runner import BatchRunner
 from stemsep.separator import Separator
-from stemsep.testing import FAST_CONFIG, make_model_files, snr, tones
+from stemsep.testing import FAST_CONFIG, make_model_files, tones
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def reference(files):
 def test_reduced_precision_stays_within_its_stated_tolerance(files, reference, precision, min_snr):
     mix, fp32 = reference
     out = Separator(*files, device="cpu", precision=precision).separate_array(mix, 44100)["vocals"]
-    value = snr(fp32, out)
+    value = compilation.snr_db(fp32, out)
     print(f"{precision} vs fp32: SNR {value:.1f} dB")
     assert value > min_snr
 

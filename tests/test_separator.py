@@ -4,21 +4,21 @@ bit-exact stems, no normalization, clipping reported, bad input refused, parity 
 from __future__ import annotations
 
 import hashlib
-import math
 import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from stemsep.compilation import snr_db
 from stemsep.decode import decode
-from stemsep.pcm import AudioWriter
 from stemsep.errors import (
     AudioDecodeError,
     AudioEncodeError,
     ClippingWarning,
     StemsepError,
 )
+from stemsep.pcm import AudioWriter
 from stemsep.separator import Separator
 from stemsep.testing import FAST_CHUNK, FAST_CONFIG, db, make_model_files, tones
 
@@ -261,10 +261,6 @@ def test_musdb_excerpt_separates_at_its_own_rate_and_length(models, tmp_path):
         assert (info.samplerate, info.channels, info.frames, info.subtype) == (44100, 2, 268288, "PCM_16")
 
 
-def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
-    return 10 * math.log10(np.sum(reference**2) / np.sum((reference - estimate) ** 2))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="audio-separator needs the ffmpeg binary (apt-get install ffmpeg)")
 def test_pipeline_parity_with_audio_separator_on_the_same_random_weights(models, tmp_path):
@@ -288,7 +284,7 @@ def test_pipeline_parity_with_audio_separator_on_the_same_random_weights(models,
     outputs = reference.separate(str(source))
     theirs = sf.read(tmp_path / "ref" / next(o for o in outputs if "Vocals" in o), dtype="float32")[0].T
     ours = random.separate_array(mix, 44100, overlap=4)["vocals"]
-    value = sdr(theirs, ours)
+    value = snr_db(theirs, ours)
     print(f"SDR between audio-separator's and stemsep's vocals (random weights): {value:.1f} dB")
     assert theirs.shape == ours.shape
     assert value > 30  # measured 37.8 dB
@@ -307,10 +303,7 @@ def test_compressed_stems_decode_aligned_at_the_input_length(models, tmp_path, f
     assert sorted(p.name for p in paths.values()) == [f"song_instrumental.{fmt}", f"song_vocals.{fmt}"]
     vocals, info = decode(paths["vocals"])
     assert (info.sample_rate, vocals.shape) == (rate, mix.shape)
-    noise = vocals - mix
-    value = 10 * np.log10(np.sum(mix.astype(np.float64) ** 2) / np.sum(noise.astype(np.float64) ** 2))
-    shifted = np.roll(vocals, 1, axis=-1)
-    off = 10 * np.log10(np.sum(mix.astype(np.float64) ** 2) / np.sum((shifted - mix).astype(np.float64) ** 2))
+    value, off = snr_db(mix, vocals), snr_db(mix, np.roll(vocals, 1, axis=-1))
     print(f"{fmt}: SNR {value:.1f} dB aligned, {off:.1f} dB one sample off")
     assert value > min_snr and value > off + 3
 
@@ -407,3 +400,4 @@ def test_an_ensemble_of_models_with_other_stems_is_refused(models, four_stems):
 
     with pytest.raises(StemsepError, match="models of an ensemble must give the same stems"):
         Ensemble([models["pass"], four_stems])
+

@@ -44,6 +44,7 @@ from stemsep.model import (
     mel_bands,
     rotary_frequencies,
 )
+from stemsep.stems import COMPLEMENTS
 
 ModelConfig = BSRoformerConfig | MelBandRoformerConfig
 ARCHITECTURES: dict[str, type[ModelConfig]] = {c.model_type: c for c in (BSRoformerConfig, MelBandRoformerConfig)}
@@ -110,10 +111,6 @@ class TrainingConfig:
 class InferenceConfig:
     num_overlap: int = 4  # windows covering each sample (audio-separator's copy of 1297 says 4)
     batch_size: int = 1
-
-
-# A single target's complement (the mix minus the target) by the target's name.
-COMPLEMENTS = {"vocals": "instrumental", "instrumental": "vocals"}
 
 
 def complement_name(target: str, instruments: Sequence[str]) -> str:

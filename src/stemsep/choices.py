@@ -1,4 +1,5 @@
-"""What a separation lets its caller choose, stated once: output formats and bit depths.
+"""What a separation lets its caller choose, stated once: device, precision, overlap,
+output format and bit depth.
 
 The library checks a choice here (`parse_format`, `parse_bit_depth`), and the front ends
 offer the same lists: the command line builds its parser from them, and the Cog model's
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 from stemsep.errors import AudioEncodeError
 
+DEVICES = ("auto", "cpu", "cuda")  # auto: a CUDA GPU if there is one (stemsep.runner.resolve_device)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of the transformers; auto: bf16 on a GPU, fp32 on the CPU
+MAX_OVERLAP = 16  # windows covering each sample: 1 to this
 PCM_FORMATS = ("wav", "flac")  # exact: the stems add up to the mix bit for bit
 COMPRESSED_FORMATS = ("mp3", "m4a", "opus")  # lossy (stemsep.compressed)
 OUTPUT_FORMATS = PCM_FORMATS + COMPRESSED_FORMATS

@@ -89,8 +89,9 @@ def compile_whole(model: nn.Module) -> nn.Module:
 
 
 def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
-    """Signal-to-noise ratio of `estimate` against `reference`, in dB (inf when equal)."""
-    reference, estimate = reference.double(), estimate.double()
+    """Signal-to-noise ratio of `estimate` against `reference` (tensors or arrays), in dB, in
+    float64 (inf when equal)."""
+    reference, estimate = torch.as_tensor(reference).double(), torch.as_tensor(estimate).double()
     noise = float(((reference - estimate) ** 2).sum())
     return math.inf if noise == 0 else 10 * math.log10(float((reference**2).sum()) / noise)
 

@@ -9,16 +9,16 @@ Encoding is streamed: memory stays bounded by one block plus one codec frame.
 
 Formats and encoders (the FFmpeg that PyAV bundles):
 
-=======  ===================  ==========  =======================  =========  ===============
-format   encoder              container   sample rates written     channels   default (stereo)
-=======  ===================  ==========  =======================  =========  ===============
-mp3      libmp3lame, CBR      MP3 + Xing  8-48 kHz (MPEG 1/2/2.5)  1-2        320 kbit/s
-m4a      FFmpeg's native aac  MP4 (M4A)   7.35-96 kHz              1-8        256 kbit/s
-opus     libopus, VBR         Ogg         48 kHz only              1-4, 6, 8  160 kbit/s
-=======  ===================  ==========  =======================  =========  ===============
+=======  ===================  ==========  =======================  =========
+format   encoder              container   sample rates written     channels
+=======  ===================  ==========  =======================  =========
+mp3      libmp3lame, CBR      MP3 + Xing  8-48 kHz (MPEG 1/2/2.5)  1-2
+m4a      FFmpeg's native aac  MP4 (M4A)   7.35-96 kHz              1-8
+opus     libopus, VBR         Ogg         48 kHz only              1-4, 6, 8
+=======  ===================  ==========  =======================  =========
 
-Default bitrates (for stereo; mono gets half, n channels n/2 times, within the codec's
-limits at the rate written; `settings.bitrate_kbps` says what was used):
+Default bitrates (`_CODECS`; for stereo: mono gets half, n channels n/2 times, within the
+codec's limits at the rate written; `settings.bitrate_kbps` says what was used), and why:
 
 * MP3 320 kbit/s: the top of MPEG-1 Layer III, the default of `demucs --mp3-bitrate` and of
   the Replicate demucs ports (their `mp3_bitrate` input defaults to 320). Separated stems

@@ -33,7 +33,7 @@ from stemsep.files import reason
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 384_000
 MAX_CHANNELS = 64
-MAX_DURATION_S = 24 * 3600  # guard against decoders that never stop producing audio
+RUNAWAY_DECODE_S = 24 * 3600  # more audio than this is a decoder that never stops producing any: an error
 # Float sources beyond this many times full scale (+120 dBFS) are damaged data, not sound (an
 # integer-scaled float file peaks at 32768): float32 rounding around such a sample swamps the music.
 MAX_FLOAT_LEVEL = 1e6
@@ -190,7 +190,7 @@ class AudioReader:
     file. A file with no decodable audio at all raises AudioDecodeError.
     """
 
-    def __init__(self, path: str | os.PathLike[str], stream: int = 0, *, max_duration_s: float = MAX_DURATION_S):
+    def __init__(self, path: str | os.PathLike[str], stream: int = 0, *, max_duration_s: float = RUNAWAY_DECODE_S):
         self.path = os.fsdecode(path)  # bytes too: a name that is not UTF-8 arrives as either
         self.name = display_name(os.path.basename(self.path.rstrip("/")) or self.path)
         self.stream_index = stream

@@ -42,6 +42,7 @@ import numpy as np
 from stemsep.decode import decode
 from stemsep.errors import EvaluationError
 from stemsep.files import atomic_file
+from stemsep.stems import COMPLEMENTS  # mixture - one is the other
 
 MUSDB_STEMS = ("vocals", "drums", "bass", "other")  # the reference stems a MUSDB track has
 STEMS = ("vocals", "instrumental", "drums", "bass", "other")  # what can be scored (instrumental = mixture - vocals)
@@ -52,7 +53,6 @@ STEM_ALIASES = {  # a stem's names, lower case, in models and in estimate files
     "bass": ("bass",),
     "other": ("other",),
 }
-COMPLEMENTS = {"vocals": "instrumental", "instrumental": "vocals"}  # mixture - one is the other
 EPS = 1e-7  # MSST's `sdr()`: added to both energies
 BSSEVAL_FRAME_S = 1.0  # museval's default window and hop for MUSDB (SiSEC 2018)
 MUSDB_STREAMS = {"mixture": 0, "drums": 1, "bass": 2, "other": 3, "vocals": 4}  # in a .stem.mp4

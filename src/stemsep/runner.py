@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from stemsep.apply import estimate
+from stemsep.choices import PRECISIONS
 from stemsep.errors import StemsepError
 
 
@@ -31,18 +32,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto": bf16 on a GPU that has it (fp16 on older ones, e.g. a T4), fp32 on the CPU."""
+    """One of PRECISIONS but "auto": bf16 on a GPU that has it (fp16 on older ones, e.g. a T4),
+    fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise StemsepError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision == "auto":
         if device.type != "cuda":
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision not in PRECISIONS:
-        raise StemsepError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
     return precision
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """What autocast lowers the transformers to at a resolved `precision` (None: fp32, no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def default_batch_size(tokens_per_chunk: int, dim: int, device: torch.device, precision: str) -> int | None:

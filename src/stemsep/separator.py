@@ -25,7 +25,7 @@ from stemsep.apply import ensemble
 from stemsep.checkpoint import Config, load_config, load_model
 from stemsep.chunking import ProgressCallback, separate_song
 from stemsep.compilation import BackgroundCompile, use_compile_cache
-from stemsep.choices import DEFAULT_BIT_DEPTH, DEFAULT_FORMAT
+from stemsep.choices import DEFAULT_BIT_DEPTH, DEFAULT_FORMAT, MAX_OVERLAP
 from stemsep.decode import AudioReader
 from stemsep.encode import StemWriter, stem_encoding
 from stemsep.errors import (
@@ -36,16 +36,15 @@ from stemsep.errors import (
 )
 from stemsep.files import first_line
 from stemsep.runner import (
-    PRECISIONS,
     BatchRunner,
+    autocast_dtype,
     default_batch_size,
     resolve_device,
     resolve_precision,
 )
 from stemsep.stems import StemLayout, stem_layout, stem_samples
 
-MAX_OVERLAP = 16
-DEFAULT_MAX_DURATION_S = 3 * 3600  # refuse longer inputs unless told otherwise
+DEFAULT_INPUT_LIMIT_S = 3 * 3600  # longer inputs are refused before any work ($STEMSEP_MAX_DURATION_S moves it)
 
 
 class _Separation:
@@ -126,7 +125,7 @@ class _Separation:
         overlap = _check_overlap(overlap)
         wanted = self.chosen_stems(stems)
         _make_output_dir(output_dir)
-        limit = max_duration_s or float(os.environ.get("STEMSEP_MAX_DURATION_S", DEFAULT_MAX_DURATION_S))
+        limit = max_duration_s or float(os.environ.get("STEMSEP_MAX_DURATION_S", DEFAULT_INPUT_LIMIT_S))
         reader = AudioReader(input_path, max_duration_s=limit)
         sample_rate, channels = reader.header.sample_rate, reader.header.channels
         encoding = stem_encoding(reader.header, output_format, bit_depth, bitrate_kbps)
@@ -211,7 +210,7 @@ class Separator(_Separation):
         self.batch_size = batch_size or default_batch_size(tokens, cfg.model.dim, self.device, self.precision) or cfg.inference.batch_size
         if self.batch_size < 1:
             raise StemsepError(f"batch size must be at least 1, got {self.batch_size}")
-        self.runner = BatchRunner(self.model, self.device, PRECISIONS[self.precision])
+        self.runner = BatchRunner(self.model, self.device, autocast_dtype(self.precision))
         shape = (self.batch_size, self.channels, cfg.audio.chunk_size)
         self.compilation = BackgroundCompile(self.runner, shape, self.precision) if compile else None
 

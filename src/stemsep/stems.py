@@ -15,6 +15,10 @@ import numpy as np
 
 from stemsep.pcm import PCM_BITS, ClipReport, quantize
 
+# A single target's complement (the mix minus the target) by the target's name; any other
+# target's is named from the model's config (stemsep.checkpoint.complement_name).
+COMPLEMENTS = {"vocals": "instrumental", "instrumental": "vocals"}
+
 
 @dataclass(frozen=True)
 class StemLayout:

@@ -198,12 +198,6 @@ def db(x: float) -> float:
     return 20 * math.log10(max(float(x), 1e-300))
 
 
-def snr(reference: np.ndarray, estimate: np.ndarray) -> float:
-    """Signal-to-noise ratio of `estimate` against `reference`, in dB, in float64."""
-    reference = reference.astype(np.float64)
-    return 10 * math.log10(np.sum(reference**2) / np.sum((reference - estimate.astype(np.float64)) ** 2))
-
-
 def av_encode(path: str | Path, codec: str, x: np.ndarray, rate: int, *, container_format: str | None = None,
               container_options: dict | None = None, sample_format: str | None = None) -> None:
     """Encode float32 (channels, n) with PyAV, feeding 1000-sample frames."""
