@@ -174,21 +174,14 @@ def test_stemsep_commands_in_the_other_documents_parse():
 # Python blocks -------------------------------------------------------------------------------
 
 
-def _synthetic():
-    try:
-        from stemsep import testing as synthetic
-    except ImportError:
-        from stemsep import synthetic
-    return synthetic
-
-
 @pytest.fixture
 def readme_folder(tmp_path, monkeypatch):
     """A current folder with the README's song files, and a small random model in a weights
     folder under the default model's file names."""
-    synthetic = _synthetic()
+    from stemsep.testing import TINY_MODEL, config_dict, make_model_files
+
     weights = tmp_path / "weights"
-    synthetic.make_model_files(weights, synthetic.config_dict(model=synthetic.TINY_MODEL), name=CHECKPOINT_STEM)
+    make_model_files(weights, config_dict(model=TINY_MODEL), name=CHECKPOINT_STEM)
     monkeypatch.setenv("STEMSEP_WEIGHTS_DIR", str(weights))
     work = tmp_path / "work"
     work.mkdir()

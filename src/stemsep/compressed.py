@@ -251,9 +251,8 @@ class CompressedWriter(EncodingWriter):
 
     `sample_rate` and `channels` describe the blocks written; the file may be written at
     another rate (`output_rate`, see the module docstring). `bitrate_kbps` None takes the
-    format's default (`settings.bitrate_kbps` says which). `expected_frames` is accepted for
-    :class:`stemsep.pcm.AudioWriter`'s interface and not needed. Blocks are float
-    (channels, n); samples beyond full scale are clipped and counted in `clip`.
+    format's default (`settings.bitrate_kbps` says which). Blocks are float (channels, n);
+    samples beyond full scale are clipped and counted in `clip`.
     """
 
     write_errors = (av.error.FFmpegError, OSError)
@@ -266,7 +265,6 @@ class CompressedWriter(EncodingWriter):
         format: str,
         *,
         bitrate_kbps: int | None = None,
-        expected_frames: int | None = None,
     ):
         self.path = os.fspath(path)
         self.name = display_name(os.path.basename(self.path))
@@ -278,7 +276,6 @@ class CompressedWriter(EncodingWriter):
         self.channels = self.settings.channels
         self.sample_rate = self.settings.sample_rate
         self.output_rate = self.settings.output_rate
-        self.frames_written = 0  # input samples taken, per channel
         self._container = self._stream = self._file = None
         self._closed = False
         self._tmp, fd = open_part_file(self.path, self.name, os.O_RDWR)
@@ -333,7 +330,6 @@ class CompressedWriter(EncodingWriter):
             over = int(np.count_nonzero(np.abs(x) > 1)) if peak > 1 else 0
             if over:
                 x = np.clip(x, -1, 1)
-            self.frames_written += x.shape[1]
             if self._gain is not None and self._gain != 1:
                 x = x * self._gain
             if self._resampler is not None:
