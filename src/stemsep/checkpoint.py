@@ -216,7 +216,7 @@ def _architecture(raw: Mapping, path: Path, layout: Layout | None, checkpoint: s
     if layout is not None:
         if stated not in (None, layout.architecture):
             raise CheckpointError(
-                f"is a {layout.architecture.title} checkpoint ({layout.evidence}) but config {path.name} "
+                f"holds a {layout.architecture.title} ({layout.evidence}) but config {path.name} "
                 f"describes a {stated.title}", file=str(checkpoint)
             )
         return layout.architecture
@@ -255,7 +255,7 @@ def _mask_estimators(model: ModelConfig, section: Mapping, layout: Layout, path:
     if "use_mask_estimator_hyper_ace" in section and (
         asked != found.use_mask_estimator_hyper_ace or asked and model.hyperace_version not in (None, found.hyperace_version)
     ):
-        raise CheckpointError(f"is a {found.name} checkpoint but config {path.name} asks for a {model.name}", file=str(checkpoint))
+        raise CheckpointError(f"holds a {found.name} but config {path.name} asks for a {model.name}", file=str(checkpoint))
     return found
 
 

@@ -85,7 +85,8 @@ class BSRoformerConfig(RoformerConfig):
     @property
     def name(self) -> str:
         if self.use_mask_estimator_hyper_ace:
-            return f"{self.title} with HyperACE v{self.hyperace_version} mask estimators"
+            version = f" v{self.hyperace_version}" if self.hyperace_version is not None else ""
+            return f"{self.title} with HyperACE{version} mask estimators"
         return self.title
 
 
