@@ -200,7 +200,7 @@ def warm_up(separator: Separator) -> None:
         return
     cfg = separator.config
     with torch.inference_mode():
-        separator.model(torch.zeros(1, separator.channels, cfg.audio.chunk_size, device=separator.device))
+        separator.model(torch.zeros(1, separator.network_channels, cfg.audio.chunk_size, device=separator.device))
     torch.cuda.synchronize(separator.device)
 
 

@@ -401,3 +401,9 @@ def test_an_ensemble_of_models_with_other_stems_is_refused(models, four_stems):
     with pytest.raises(StemsepError, match="models of an ensemble must give the same stems"):
         Ensemble([models["pass"], four_stems])
 
+
+def test_network_channels_is_the_networks_width_and_channels_a_deprecated_alias(models, tmp_path):
+    mono = Separator(*make_model_files(tmp_path, {**FAST_CONFIG, "model": {**FAST_CONFIG["model"], "stereo": False}}))
+    assert (models["pass"].network_channels, mono.network_channels) == (2, 1)
+    with pytest.warns(DeprecationWarning, match="Separator.channels is deprecated; use Separator.network_channels"):
+        assert models["pass"].channels == 2

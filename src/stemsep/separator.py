@@ -211,7 +211,7 @@ class Separator(_Separation):
         if self.batch_size < 1:
             raise StemsepError(f"batch size must be at least 1, got {self.batch_size}")
         self.runner = BatchRunner(self.model, self.device, autocast_dtype(self.precision))
-        shape = (self.batch_size, self.channels, cfg.audio.chunk_size)
+        shape = (self.batch_size, self.network_channels, cfg.audio.chunk_size)
         self.compilation = BackgroundCompile(self.runner, shape, self.precision) if compile else None
 
     @property
@@ -229,9 +229,16 @@ class Separator(_Separation):
         return self.config.audio.sample_rate
 
     @property
-    def channels(self) -> int:
-        """Channels the network takes: 2 for a stereo model, 1 for a mono one."""
+    def network_channels(self) -> int:
+        """Channels the network takes: 2 for a stereo model, 1 for a mono one (a song of any
+        channel count goes through it in groups of this many)."""
         return 2 if self.config.model.stereo else 1
+
+    @property
+    def channels(self) -> int:
+        """Deprecated: :attr:`network_channels`, the network's width, not the song's."""
+        warnings.warn("Separator.channels is deprecated; use Separator.network_channels", DeprecationWarning, stacklevel=2)
+        return self.network_channels
 
     @property
     def min_samples(self) -> int:
@@ -244,7 +251,7 @@ class Separator(_Separation):
         """(mix, estimates) blocks of a song: see :func:`stemsep.chunking.separate_song`."""
         return separate_song(
             self.runner.with_tta(tta), blocks, sample_rate=sample_rate, model_rate=self.sample_rate, channels=channels,
-            width=self.channels, stems=len(self.layout.predicted), chunk=self.config.audio.chunk_size,
+            width=self.network_channels, stems=len(self.layout.predicted), chunk=self.config.audio.chunk_size,
             overlap=overlap or self.config.inference.num_overlap, batch_size=self.batch_size, min_samples=self.min_samples, on_progress=on_progress,
             expected_length=expected_length,
         )
