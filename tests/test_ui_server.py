@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import functools
+import hashlib
 import http.client
 import http.server
 import io
@@ -230,6 +232,74 @@ def test_the_upload_needs_as_much_free_space_as_it_is_long(tmp_path, model_files
     with TestClient(app, base_url=BASE) as client:
         response = client.post("/api/jobs", params={"name": "s.wav"}, content=b"x" * 1000, headers=SAME_ORIGIN)
     assert response.status_code == 507 and "not enough free disk space" in response.json()["error"]
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def downloadable(tmp_path, model_files, monkeypatch):
+    """A catalogue model, `tiny`, whose files a local web server offers; the weights folder is empty."""
+    from stemsep import catalogue
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for source, name in zip(model_files, ("tiny.ckpt", "tiny.yaml")):
+        (mirror / name).write_bytes(source.read_bytes())
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietFiles, directory=mirror))
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def offered(name: str) -> catalogue.WeightFile:
+        data = (mirror / name).read_bytes()
+        url = f"http://127.0.0.1:{server.server_address[1]}/{name}"
+        return catalogue.WeightFile(name, hashlib.sha256(data).hexdigest(), len(data), (url,))
+
+    model = catalogue.Model(name="tiny", title="a constructed model", architecture="bs_roformer",
+                            stems=("vocals", "instrumental"), checkpoint=offered("tiny.ckpt"), config=offered("tiny.yaml"),
+                            licence=None, scores=())
+    monkeypatch.setitem(catalogue.MODELS, "tiny", model)
+    monkeypatch.setenv("STEMSEP_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.delenv("STEMSEP_OFFLINE", raising=False)
+    yield model
+    server.shutdown()
+    server.server_close()
+
+
+def catalogue_app(tmp_path, **model_options):
+    return create_app(Settings(output_dir=tmp_path / "out", port=PORT, model_options=ModelOptions(overlap=1, **model_options)))
+
+
+def test_a_model_that_is_not_downloaded_is_downloaded_with_its_progress_shown(tmp_path, downloadable, monkeypatch):
+    from stemsep.ui import jobs
+
+    reports = []
+    report = jobs.Job.progress
+    monkeypatch.setattr(jobs.Job, "progress", lambda job, *args: (reports.append(args), report(job, *args))[1])
+    app = catalogue_app(tmp_path)
+    with TestClient(app, base_url=BASE) as client:
+        [tiny] = [m for m in client.get("/api/config").json()["models"] if m["name"] == "tiny"]
+        assert not tiny["downloaded"] and tiny["size"] == downloadable.size
+        upload(client, write_song(tmp_path / "s.wav"), model="tiny")
+        [job] = finished(app)
+        assert job["state"] == "done", job["error"]
+        assert [m for m in client.get("/api/config").json()["models"] if m["name"] == "tiny"][0]["downloaded"]
+    size = downloadable.checkpoint.size
+    assert (size, size, "downloading tiny.ckpt") in reports
+    assert reports[-1][2:] == () and reports[-1][0] == reports[-1][1]  # then the separation's chunks, to the last
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir() if not p.name.endswith(".lock")) == ["tiny.ckpt", "tiny.yaml"]
+
+
+def test_offline_a_model_that_is_not_downloaded_is_the_library_sentence(tmp_path, downloadable):
+    app = catalogue_app(tmp_path, offline=True)
+    with TestClient(app, base_url=BASE) as client:
+        assert client.get("/api/config").json()["offline"]
+        upload(client, write_song(tmp_path / "s.wav"), model="tiny")
+        [job] = finished(app)
+    assert job["state"] == "failed"
+    assert job["error"].startswith("model tiny is not downloaded in ") and job["error"].endswith("offline mode forbids downloading it")
+    assert files_under(tmp_path / "out") == []
 
 
 def test_the_replicate_settings_from_the_page_are_checked_and_an_unreachable_api_is_one_sentence(client, monkeypatch):

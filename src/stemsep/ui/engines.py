@@ -19,6 +19,7 @@ from stemsep import catalogue
 from stemsep.errors import RemoteError, StemsepError
 from stemsep.files import first_line
 from stemsep.ui.jobs import Job
+from stemsep.weights import DownloadProgress
 
 CUSTOM = "custom"  # the model key of --checkpoint/--config files
 
@@ -34,6 +35,7 @@ class ModelOptions:
     batch_size: int | None = None
     overlap: int | None = None
     compile: bool = False
+    offline: bool | None = None  # never download a catalogue model (None: $STEMSEP_OFFLINE)
 
 
 class LocalEngine:
@@ -44,8 +46,9 @@ class LocalEngine:
         self._separators: dict[str, Any] = {}
         self._loading = threading.Lock()
 
-    def separator(self, model: str):
-        """The Separator of a catalogue model, or of the custom files for :data:`CUSTOM`."""
+    def separator(self, model: str, download_progress: DownloadProgress | None = None):
+        """The Separator of a catalogue model (downloaded first if missing, unless offline,
+        reporting to `download_progress`), or of the custom files for :data:`CUSTOM`."""
         from stemsep import Separator
 
         with self._loading:
@@ -58,16 +61,21 @@ class LocalEngine:
                     self._separators[model] = Separator(o.checkpoint, o.config, **common)
                 else:
                     catalogue.get(model)  # an unknown name: one sentence
-                    self._separators[model] = Separator(model=model, **common)
+                    self._separators[model] = Separator(model=model, offline=o.offline,
+                                                        download_progress=download_progress, **common)
             return self._separators[model]
 
     def model_name(self, model: str) -> str:
         return self.options.checkpoint.name if model == CUSTOM and self.options.checkpoint else model
 
     def run(self, job: Job, folder: Path, on_progress: Callable[[int, int], None]) -> dict[str, Path]:
-        job.stage = "loading the model"
-        separator = self.separator(job.options.model)
-        job.stage = "separating"
+        job.begin("loading the model")
+
+        def downloading(done: int, total: int | None, name: str) -> None:
+            job.progress(done, total or 0, f"downloading {name}")
+
+        separator = self.separator(job.options.model, downloading)
+        job.begin("separating")
         return separator.separate(
             job.upload, folder, output_format=job.options.output_format, overlap=self.options.overlap,
             on_progress=on_progress, stems=job.options.stems, tta=job.options.tta,
@@ -127,11 +135,11 @@ class ReplicateEngine:
             inputs["model"] = job.options.model
         if job.options.stems:
             inputs["stems"] = ",".join(job.options.stems)
-        job.stage = "running on Replicate"
+        job.begin("running on Replicate")
         urls = remote.separate(job.upload, replicate_model=self.model, api_token=self.token, input=inputs)
         if job.cancel_requested.is_set():
             return {}
-        job.stage = "downloading the stems"
+        job.begin("downloading the stems")
         return remote.download_stems(urls, folder, remote.input_name(job.upload))
 
 

@@ -71,17 +71,23 @@ class Job:
         self._first: tuple[float, int] | None = None  # (time, chunks done) at the first report
         self.cancel_requested = threading.Event()
 
-    def progress(self, done: int, total: int) -> None:
-        """The Separator's progress callback: record, or stop a canceled job."""
+    def progress(self, done: int, total: int, stage: str = "separating") -> None:
+        """The Separator's progress callback (chunks; also a model download's, in bytes):
+        record, or stop a canceled job."""
         if self.cancel_requested.is_set():
             raise Canceled
-        self.stage = "separating"
-        self.done, self.total = done, total
+        if stage != self.stage:
+            self.begin(stage)
         if self._first is None:
             self._first = (time.monotonic(), done)
+        self.done, self.total = done, total
+
+    def begin(self, stage: str) -> None:
+        """A new stage: its progress and remaining time start afresh."""
+        self.stage, self._first, self.done, self.total = stage, None, 0, 0
 
     def remaining_s(self) -> float | None:
-        """Seconds left at the pace of the chunks done since the first report."""
+        """Seconds left at the pace of this stage's progress since its first report."""
         if self.state != "running" or self._first is None or not self.total:
             return None
         t0, d0 = self._first
@@ -159,7 +165,8 @@ class JobQueue:
             while not self._stopping:
                 job = next((j for j in self.jobs if j.state == "queued"), None)
                 if job is not None:
-                    job.state, job.stage, job.started_at = "running", "starting", time.time()
+                    job.state, job.started_at = "running", time.time()
+                    job.begin("starting")
                     self._changed.notify_all()
                     return job
                 self._changed.wait()

@@ -14,7 +14,7 @@ ever contacted: :mod:`stemsep.ui.security` forbids it) and a small JSON API:
 ``GET  /api/separations/{id}/zip``       all its stems in one zip, made while sent
 ``GET  /api/separations/{id}/mix``       its stems summed with ``?gains=`` (one per stem), a WAV
 ``GET  /files/{id}/{file}``              one stem file
-``POST /api/replicate``                  set the Replicate model and token for this session
+``POST /api/replicate``                  set the Replicate model and token until the server stops
 =======================================  ====================================================
 
 :func:`serve` binds the socket, prints the address (with the token off loopback), opens
@@ -42,7 +42,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from stemsep import catalogue
+from stemsep import catalogue, weights
 from stemsep.choices import DEFAULT_FORMAT, OUTPUT_FORMATS
 from stemsep.errors import StemsepError
 from stemsep.remote import MAX_UPLOAD_BYTES
@@ -101,6 +101,11 @@ class UI:
             rows.append(_model_row(model.name, f"{model.name}: {model.title}", model.stems, downloaded, model.size))
         return rows
 
+    def offline(self) -> bool:
+        """Whether models that are not downloaded stay so (else they download on first use)."""
+        offline = self.settings.model_options.offline
+        return weights.offline_by_default() if offline is None else offline
+
     def initial_model(self) -> str:
         return CUSTOM if self.custom_stems is not None else self.settings.model or catalogue.DEFAULT
 
@@ -143,7 +148,7 @@ async def config(request: Request) -> Response:
     return JSONResponse({
         "models": ui.models(), "model": ui.initial_model(), "formats": list(OUTPUT_FORMATS), "format": s.output_format,
         "tta": s.tta, "mixer_minutes": s.mixer_minutes, "max_upload_bytes": s.max_upload_bytes,
-        "replicate": replicate, "output_dir": str(ui.library.root),
+        "replicate": replicate, "output_dir": str(ui.library.root), "offline": ui.offline(),
     })
 
 

@@ -47,7 +47,7 @@ function fillModels(selected) {
   select.replaceChildren();
   for (const model of modelRows()) {
     const option = new Option(model.label, model.name);
-    if (!model.downloaded) option.textContent += ` (not downloaded, ${megabytes(model.size)})`;
+    if (!model.downloaded) option.textContent += ` (${megabytes(model.size)} to download)`;
     select.append(option);
   }
   if ([...select.options].some((o) => o.value === selected)) select.value = selected;
@@ -69,9 +69,12 @@ function fillStems() {
     box.append(label);
   }
   $("#stems").hidden = !box.children.length;
-  const note = model && !model.downloaded
-    ? `${model.name} is not downloaded yet (${megabytes(model.size)}): stemsep models download ${model.name}`
-    : "";
+  let note = "";
+  if (model && !model.downloaded) {
+    note = config.offline
+      ? `${model.name} is not downloaded, and this server is offline: stemsep models download ${model.name}`
+      : `${model.name} is downloaded (${megabytes(model.size)}, checksummed) when its first song is separated.`;
+  }
   $("#model-note").textContent = note;
 }
 
