@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -186,8 +187,10 @@ def _run_weights(args: argparse.Namespace) -> int:
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
     dir_help = "weights folder (default: weights/ or $STEMSEP_WEIGHTS_DIR)"
-    p = sub.add_parser("models", help="list the known models; download or verify them by name")
+    p = sub.add_parser("models", help="list the known models (stems, published figures, licence, size, whether "
+                                      "downloaded, the best per stem); download or verify them by name")
     p.add_argument("--dir", type=Path, default=None, help=dir_help)
+    p.add_argument("--stem", metavar="STEM", help="list only the models that give STEM (e.g. guitar)")
     actions = p.add_subparsers(dest="models_action", metavar="{download,verify}")
     a = actions.add_parser("download", help="fetch models' checkpoints and configs (mirrors in order), checking size and sha256")
     a.add_argument("names", nargs="+", metavar="NAME", help="model names, as `stemsep models` lists them")
@@ -202,28 +205,53 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
-def _list_models(folder: Path) -> int:
+def _short_licence(licence: str | None) -> str:
+    """A licence note's first clause ("CC BY-NC 4.0 (non-commercial...), per..." -> "CC BY-NC 4.0")."""
+    return re.split(r",| \(", licence)[0] if licence else "none stated"
+
+
+def _list_models(folder: Path, stem: str | None) -> int:
     from stemsep import catalogue
 
-    notes: list[str] = []  # score sources, in order of first use
+    models = list(catalogue.MODELS.values()) if stem is None else catalogue.with_stem(stem)
+    if not models:
+        raise StemsepError(f"no model in the catalogue gives a stem named {stem!r}")
+    notes: list[tuple[str, str | None, str | None]] = []  # (source, entry, link) of each figure shown, in order
+
+    def cite(score) -> str:
+        key = (score.source, score.entry, score.link)
+        if key not in notes:
+            notes.append(key)
+        tracks = f" ({score.tracks} tracks)" if score.tracks else ""
+        return f"{score.stem} {score.sdr:.2f}{tracks} [{notes.index(key) + 1}]"
+
     rows = []
-    for m in catalogue.MODELS.values():
-        sdr = "-"
-        if m.scores:
-            s = m.scores[0]
-            if s.source not in notes:
-                notes.append(s.source)
-            tracks = f" ({s.tracks} tracks)" if s.tracks else ""
-            sdr = f"{s.stem} {s.sdr:.2f}{tracks} [{notes.index(s.source) + 1}]"
-        rows.append((m.name, catalogue.ARCHITECTURES[m.architecture], ", ".join(m.stems), _size(m.size), sdr,
+    for m in models:
+        shown = [s for s in m.best_scores().values() if stem in (None, s.stem)] or [s for s in m.scores[:1] if stem in (None, s.stem)]
+        stems = ", ".join(m.stems) if len(m.stems) <= 6 else f"{len(m.stems)} stems" + (f" incl. {stem}" if stem else "")
+        rows.append((m.name, catalogue.ARCHITECTURES[m.architecture], stems, " ".join(filter(None, (_size(m.size), m.checkpoint.dtype))),
+                     ", ".join(cite(s) for s in shown) or "-", _short_licence(m.licence),
                      "yes" if catalogue.is_downloaded(m, folder) else "no"))
-    header = ("NAME", "ARCHITECTURE", "STEMS", "SIZE", "SDR (dB)", "DOWNLOADED")
+    header = ("NAME", "ARCHITECTURE", "STEMS", "SIZE", "SDR (dB)", "LICENCE", "DOWNLOADED")
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    best = catalogue.best_per_stem(models)
+    if stem is not None:
+        best = {stem: best[stem]} if stem in best else {}
     print()
-    for i, key in enumerate(notes, 1):
-        print(f"[{i}] {catalogue.SOURCES[key].get('label', key)}")
+    if best:
+        print("Best per stem, by SDR on MVSEP's Multisong dataset: "
+              + "; ".join(f"{s}: {m.name} {cite(score).partition(' ')[2]}" for s, (m, score) in best.items()))
+    else:
+        print(f"No published Multisong figure for {stem or 'any stem'}.")
+    print()
+    for i, (source, entry, link) in enumerate(notes, 1):
+        where = ", ".join(part for part in (f"entry {entry}" if entry else None, link) if part)
+        print(f"[{i}] {catalogue.SOURCES[source].get('label', source)}" + (f": {where}" if where else ""))
+    print("\n" * bool(notes) + "Licence and provenance:")
+    for m in models:
+        print(f"  {m.name}: {m.licence or 'no licence stated'}. {m.provenance or ''}".rstrip())
     print(f"Default model: {catalogue.DEFAULT}. Weights folder: {folder}")
     return 0
 
@@ -233,10 +261,10 @@ def _run_models(args: argparse.Namespace) -> int:
 
     folder = args.dir or weights.default_dir()
     if args.models_action is None:
-        return _list_models(folder)
+        return _list_models(folder, args.stem)
     models = [catalogue.get(name) for name in dict.fromkeys(args.names)]  # every name checked before any work
     if args.models_action == "verify" and not models:
-        models = [m for m in catalogue.MODELS.values() if any(p.exists() for p in m.paths(folder))]
+        models = [m for m in catalogue.MODELS.values() if any((folder / f.name).exists() for f in m.files)]
         if not models:
             raise StemsepError(f"no model is downloaded in {folder}: download one first (stemsep models download NAME)")
     failures = 0
