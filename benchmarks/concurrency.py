@@ -17,7 +17,6 @@ benchmarks/gpu_suite.py runs the same measurement as one of its stages.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -25,25 +24,15 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT / "tests", ROOT / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
+import fixtures  # noqa: E402
+
 WORK = ROOT / "benchmarks" / "work" / "concurrency"
-
-
-def serve_folder(folder: Path) -> tuple[str, ThreadingHTTPServer]:
-    """Input files over HTTP, as Replicate passes a file: (base URL, server)."""
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}", server
 
 
 def throughput(weights: Path, song: Path, songs: int, concurrency: int, device: str, timeout: float = 600.0) -> dict:
@@ -52,7 +41,7 @@ def throughput(weights: Path, song: Path, songs: int, concurrency: int, device: 
     from cogserver import http, start_server
 
     WORK.mkdir(parents=True, exist_ok=True)
-    base_url, files = serve_folder(song.parent)
+    base_url, files = fixtures.serve_folder(song.parent)
     env = {"STEMSEP_WEIGHTS_DIR": str(weights), "STEMSEP_WORK_DIR": str(WORK / f"runner{concurrency}"),
            "STEMSEP_DEVICE": device, "STEMSEP_COMPILE": "0", "COG_MAX_CONCURRENCY": str(concurrency)}
     for name in ("STEMSEP_CHECKPOINT", "STEMSEP_CONFIG"):
@@ -105,8 +94,6 @@ def compare(weights: Path, song: Path, songs: int, device: str) -> dict:
 
 def main() -> None:
     import torch
-    from gpu_suite import model_files
-    from separate import write_music
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -118,13 +105,9 @@ def main() -> None:
     args = parser.parse_args()
     preset = args.preset or ("full" if args.device == "cuda" else "tiny")
     network = {} if preset == "full" else {"dim": 16, "depth": 1, "dim_head": 8, "heads": 2}
-    checkpoint, _ = model_files(network, None if preset == "full" else 88200)
-    song = WORK / "inputs" / f"song_{args.song_s:g}s.wav"
-    if not song.exists():
-        song.parent.mkdir(parents=True, exist_ok=True)
-        write_music(song, args.song_s, seed=0)
+    checkpoint, _ = fixtures.model_files(network, None if preset == "full" else 88200)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu: {os.cpu_count()} cores",
-              "preset": preset, "song_s": args.song_s, **compare(checkpoint.parent, song, args.songs, args.device)}
+              "preset": preset, "song_s": args.song_s, **compare(checkpoint.parent, fixtures.song(args.song_s, WORK), args.songs, args.device)}
     out = args.out or ROOT / "benchmarks" / "results" / f"concurrency_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

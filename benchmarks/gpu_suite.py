@@ -76,12 +76,11 @@ for _path in (ROOT / "tests", BENCH):  # cogserver (the tests' server helper); s
 if importlib.util.find_spec("stemsep") is None:  # a checkout without `pip install -e .`: this process and its children
     sys.path.insert(0, str(ROOT / "src"))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
-WORK = BENCH / "work" / "gpu_suite"
+import fixtures  # noqa: E402  (benchmarks/fixtures.py, shared with concurrency.py)
+
+WORK = fixtures.WORK
 RESULTS = BENCH / "results"
 
-# The names predict.py looks for in $STEMSEP_WEIGHTS_DIR and audio-separator in its model folder.
-CHECKPOINT_NAME = "model_bs_roformer_ep_317_sdr_12.9755.ckpt"
-CONFIG_NAME = "model_bs_roformer_ep_317_sdr_12.9755.yaml"
 
 PROFILES = {
     "full": SimpleNamespace(device="cuda", network={}, chunk_size=None, song_s=300.0, short_s=30.0, overlap=4, reps=3,
@@ -126,40 +125,6 @@ class Budget:
 # inputs
 
 
-def _testing():
-    """stemsep's helpers for constructed checkpoints (stemsep.testing, once stemsep.synthetic)."""
-    try:
-        from stemsep import testing
-    except ImportError:
-        from stemsep import synthetic as testing
-    return testing
-
-
-def model_files(network: dict, chunk_size: int | None) -> tuple[Path, Path]:
-    """Random weights (seed 0) of the 1297 config with `network`'s overrides (and chunk size),
-    under the 1297 names in a folder laid out as the image's /weights."""
-    testing = _testing()
-    CONFIG_1297, config_dict, make_model_files = testing.CONFIG_1297, testing.config_dict, testing.make_model_files
-
-    chunk, hop = chunk_size or CONFIG_1297["audio"]["chunk_size"], CONFIG_1297["model"]["stft_hop_length"]
-    config = config_dict(model=network, audio={"chunk_size": chunk},
-                         inference={"dim_t": chunk // hop + 1})  # audio-separator's segment = our chunk
-    folder = WORK / ("weights_" + "_".join(f"{k}{v}" for k, v in sorted({**network, "chunk": chunk}.items())))
-    checkpoint, config_path = make_model_files(folder, config, seed=0, name=CHECKPOINT_NAME.removesuffix(".ckpt"))
-    assert (checkpoint.name, config_path.name) == (CHECKPOINT_NAME, CONFIG_NAME), (checkpoint, config_path)
-    return checkpoint, config_path
-
-
-def song(seconds: float) -> Path:
-    from separate import write_music
-
-    path = WORK / "inputs" / f"song_{seconds:g}s.wav"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_music(path, seconds, seed=0)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # stage 1 and 4: the Cog server's cold start
 
@@ -191,9 +156,8 @@ def runner_setup_line(*logs: str) -> str:
 
 def cold_start(weights: Path, short: Path, compile: bool, device: str, budget: Budget) -> dict:
     from cogserver import start_server
-    from concurrency import serve_folder
 
-    base_url, files = serve_folder(short.parent)
+    base_url, files = fixtures.serve_folder(short.parent)
     env = {"STEMSEP_WEIGHTS_DIR": str(weights), "STEMSEP_WORK_DIR": str(WORK / "runner"),
            "STEMSEP_COMPILE": "1" if compile else "0", "STEMSEP_DEVICE": device}
     for name in ("STEMSEP_CHECKPOINT", "STEMSEP_CONFIG"):
@@ -314,27 +278,15 @@ def end_to_end(files: dict, source: Path, profile, budget: Budget, skipped: dict
 # stage 3: the network alone, and what bf16 costs in accuracy
 
 
-def _flops():
-    try:
-        from flops import datasheet_peak_tflops, flops_per_chunk  # benchmarks/flops.py
-    except ImportError:
-        from stemsep.flops import (  # where it lived before
-            datasheet_peak_tflops,
-            flops_per_chunk,
-        )
-    return datasheet_peak_tflops, flops_per_chunk
-
-
 def network_alone(files: dict, source: Path, profile, budget: Budget, skipped: dict) -> dict:
     import numpy as np
     import soundfile as sf
     import torch
+    from flops import datasheet_peak_tflops, flops_per_chunk
     from model_forward import matmul_tflops, output, timed
 
     from stemsep.compilation import compile_regions, compile_whole, snr_db
     from stemsep.separator import Separator
-
-    datasheet_peak_tflops, flops_per_chunk = _flops()
     device = torch.device(profile.device)
     cuda = device.type == "cuda"
     separator = Separator(files["checkpoint"], files["config"], device=profile.device)  # the runner's defaults
@@ -573,16 +525,16 @@ def main() -> None:
         torch.set_num_threads(profile.threads)
 
     log(f"writing the model files and the {profile.song_s:g}-s song")
-    checkpoint, config = model_files(profile.network, profile.chunk_size)
+    checkpoint, config = fixtures.model_files(profile.network, profile.chunk_size)
     from stemsep.reference import audio_separator_model_dir
+    from stemsep.testing import CONFIG_1297
 
-    CONFIG_1297 = _testing().CONFIG_1297
     chunk = profile.chunk_size or CONFIG_1297["audio"]["chunk_size"]
     files = {"checkpoint": checkpoint, "config": config, "weights_dir": checkpoint.parent,
              "model_dir": audio_separator_model_dir(checkpoint, config, WORK / "audio_separator_models"),
              # audio-separator's chunk is hop x (segment_size - 1): pinned to ours (separate.py does the same)
              "segment_size": chunk // CONFIG_1297["model"]["stft_hop_length"] + 1}
-    source, short = song(profile.song_s), song(profile.short_s)
+    source, short = fixtures.song(profile.song_s), fixtures.song(profile.short_s)
     results: dict = {"smoke": args.smoke, "profile": vars(profile), "skipped": {}}
     results["environment"] = environment_info(profile)
     skipped = results["skipped"]
