@@ -239,6 +239,17 @@ def test_paths_the_readme_names_exist():
     assert not missing, f"README.md names files that do not exist: {missing}"
 
 
+def test_the_layout_paragraph_names_every_module():
+    """The README's "Layout:" paragraph names each module of src/stemsep/ (and each package,
+    as `name/`), so a new module is described where readers look for it."""
+    layout = re.search(r"^Layout: (.+?)(?:\n\n|\Z)", README.read_text(encoding="utf-8"), re.S | re.M).group(1)
+    package = REPO / "src" / "stemsep"
+    modules = {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+    modules |= {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()}
+    named = set(re.findall(r"`([\w-]+(?:\.py|/))`", layout))
+    assert not modules - named, f"the Layout paragraph does not name {sorted(modules - named)}"
+
+
 # Files beside the repository, or how the project was made, mean nothing to a reader of a clone.
 OUTSIDE = re.compile(r"REFERENCE\.md|DEVELOPERS(\.md)?|\.\./shared|\bshared/|tech design|\blent\b|\bsessions?\b", re.IGNORECASE)
 
