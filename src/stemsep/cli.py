@@ -13,7 +13,17 @@ import re
 import sys
 from pathlib import Path
 
-from stemsep.choices import BIT_DEPTHS, COMPRESSED_FORMATS, DEFAULT_BIT_DEPTH, DEFAULT_FORMAT, OUTPUT_FORMATS
+from stemsep import catalogue
+from stemsep.choices import (
+    BIT_DEPTHS,
+    COMPRESSED_FORMATS,
+    DEFAULT_BIT_DEPTH,
+    DEFAULT_FORMAT,
+    DEVICES,
+    MAX_OVERLAP,
+    OUTPUT_FORMATS,
+    PRECISIONS,
+)
 from stemsep.errors import StemsepError
 
 
@@ -27,15 +37,15 @@ def _error(message: str) -> None:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs the model."""
     p.add_argument("--model", action="append", metavar="NAME",
-                   help="a model from `stemsep models` (default: 1297); repeat it for an ensemble, which averages "
+                   help=f"a model from `stemsep models` (default: {catalogue.DEFAULT}); repeat it for an ensemble, which averages "
                         "the models' estimates (they must give the same stems)")
     p.add_argument("--checkpoint", type=Path, action="append",
                    help="a checkpoint file of any other model (with --config; repeat both for an ensemble)")
     p.add_argument("--config", type=Path, action="append", help="that model's yaml")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default: auto)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where the network runs (default: auto)")
     p.add_argument("--batch-size", type=int, help="chunks per forward pass (default: chosen for the device)")
-    p.add_argument("--overlap", type=int, help="windows covering each sample, 1-16 (default: the model config's)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--overlap", type=int, help=f"windows covering each sample, 1-{MAX_OVERLAP} (default: the model config's)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="transformer precision: auto = bf16 on GPU (fp16 where bf16 is missing), fp32 on CPU")
     p.add_argument("--compile", action="store_true",
                    help="compile the network with torch.compile in the background: the first chunks run eagerly, the "
@@ -211,8 +221,6 @@ def _short_licence(licence: str | None) -> str:
 
 
 def _list_models(folder: Path, stem: str | None) -> int:
-    from stemsep import catalogue
-
     models = list(catalogue.MODELS.values()) if stem is None else catalogue.with_stem(stem)
     if not models:
         raise StemsepError(f"no model in the catalogue gives a stem named {stem!r}")
@@ -257,7 +265,7 @@ def _list_models(folder: Path, stem: str | None) -> int:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from stemsep import catalogue, weights
+    from stemsep import weights
 
     folder = args.dir or weights.default_dir()
     if args.models_action is None:
