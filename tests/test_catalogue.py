@@ -368,6 +368,16 @@ def test_stemsep_builds_the_reference_network_and_it_fits_the_published_checkpoi
 # looking models up -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["inst-fno", "large-inst-v2"])
+def test_a_model_left_out_on_purpose_is_refused_by_name_with_why(name, tmp_path, capsys):
+    with pytest.raises(CatalogueError) as info:
+        catalogue.get(name)
+    message = str(info.value)
+    assert message.startswith(f"model {name!r} is left out of the catalogue: unwa's ") and "does not implement" in message
+    assert cli.main(["models", "download", name, "--dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"stemsep: error: {message}\n" and list(tmp_path.iterdir()) == []
+
+
 def test_an_unknown_name_lists_the_known_ones():
     with pytest.raises(CatalogueError) as info:
         catalogue.get("kim")
@@ -430,6 +440,7 @@ def _write(tmp_path: Path, mutate) -> Path:
         (lambda r: r["models"][1]["checkpoint"].update(dtype="bf16"), "the checkpoint's dtype should be one of fp32, fp16"),
         (lambda r: r["models"].append(r["models"][0]), "model '1297' is listed twice"),
         (lambda r: r.update(default="nope"), "the default model 'nope' is not listed"),
+        (lambda r: r["left_out"].append({"name": "1297", "title": "t", "reason": "r"}), "model '1297' is both listed and left out"),
         (lambda r: r["models"][1].update(architecture="demucs"), "unknown architecture 'demucs'"),
         (lambda r: r["models"][1].pop("stems"), "malformed model catalogue: 'stems'"),
     ],
@@ -442,8 +453,9 @@ def test_a_malformed_catalogue_is_refused_with_one_line(tmp_path, mutate, proble
 
 
 def test_the_packaged_catalogue_loads_as_a_file_too(tmp_path):
-    models, default, sources = catalogue.load(_write(tmp_path, lambda r: None))
+    models, default, sources, left_out = catalogue.load(_write(tmp_path, lambda r: None))
     assert models == catalogue.MODELS and default == catalogue.DEFAULT and sources == catalogue.SOURCES
+    assert left_out == catalogue.LEFT_OUT
 
 
 # the listing -------------------------------------------------------------------------------

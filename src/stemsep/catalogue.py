@@ -141,11 +141,15 @@ def shipped_config(name: str) -> Path:
 # reading the data file ------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike[str] | None = None) -> tuple[dict[str, Model], str, dict[str, dict[str, Any]]]:
+Catalogue = tuple[dict[str, Model], str, dict[str, dict[str, Any]], dict[str, str]]
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Catalogue:
     """Read and check a catalogue file (default: the one in the package).
 
-    Returns the models by name (in file order), the default model's name and the sources
-    table. Raises :class:`CatalogueError` naming the first problem.
+    Returns the models by name (in file order), the default model's name, the sources
+    table, and the models left out on purpose (name -> why). Raises
+    :class:`CatalogueError` naming the first problem.
     """
     where = str(path) if path is not None else f"stemsep/{DATA_FILE}"
     try:
@@ -162,7 +166,7 @@ def load(path: str | os.PathLike[str] | None = None) -> tuple[dict[str, Model], 
         raise CatalogueError(f"malformed model catalogue: {exc}", file=where) from None
 
 
-def _parse(raw: Mapping[str, Any]) -> tuple[dict[str, Model], str, dict[str, dict[str, Any]]]:
+def _parse(raw: Mapping[str, Any]) -> Catalogue:
     sources = dict(raw["sources"])
     models: dict[str, Model] = {}
     by_file: dict[str, WeightFile] = {}
@@ -206,7 +210,10 @@ def _parse(raw: Mapping[str, Any]) -> tuple[dict[str, Model], str, dict[str, dic
     default = raw["default"]
     if default not in models:
         raise ValueError(f"the default model {default!r} is not listed")
-    return models, default, sources
+    left_out = {e["name"]: f"{e['title']}: {e['reason']}" for e in raw.get("left_out", ())}
+    if set(left_out) & set(models):
+        raise ValueError(f"model {sorted(set(left_out) & set(models))[0]!r} is both listed and left out")
+    return models, default, sources, left_out
 
 
 def _file(raw: Mapping[str, Any], what: str, sources: Mapping[str, Any]) -> WeightFile:
@@ -236,7 +243,7 @@ def _file(raw: Mapping[str, Any], what: str, sources: Mapping[str, Any]) -> Weig
     return WeightFile(name, sha256, size, urls, published, raw.get("dtype"), shipped)
 
 
-MODELS, DEFAULT, SOURCES = load()
+MODELS, DEFAULT, SOURCES, LEFT_OUT = load()
 
 
 # looking models up ----------------------------------------------------------------------------
@@ -252,6 +259,8 @@ def get(name: str | Model) -> Model:
     name raises :class:`CatalogueError` listing the known ones."""
     if isinstance(name, Model):
         return name
+    if name in LEFT_OUT:
+        raise CatalogueError(f"model {name!r} is left out of the catalogue: {LEFT_OUT[name]}")
     try:
         return MODELS[name]
     except KeyError:
