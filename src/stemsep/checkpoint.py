@@ -8,7 +8,7 @@ reads it), else told by the `model` section's band key: `freqs_per_bands` for BS
 keys that would change the network (see `_UNSUPPORTED_MODEL_KEYS`). Checkpoints are state
 dicts read with ``torch.load(weights_only=True)``, bare or wrapped (`state_dict`, `model`,
 a `module.` prefix), in any floating-point precision (cast to float32 on loading), and
-loaded strictly.
+loaded strictly; only the fixed rotary tables may be missing, all of them (splifft saves none).
 
 A checkpoint's tensor names tell its network too (:func:`checkpoint_layout`): BS- or
 MelBand-RoFormer, plain or HyperACE mask estimators. Read with its checkpoint, a yaml needs
