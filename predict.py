@@ -8,7 +8,8 @@ predictions run eagerly meanwhile, and the compiled network takes over between t
 batches once it is built and checked against eager (stemsep.compilation). The other baked
 models (:data:`BAKED_MODELS`) load on first use and stay loaded while GPU memory allows.
 ``run()`` turns the inputs into a library call and returns the chosen model's stems in the
-model's order (``[vocals, instrumental]`` for 1297).
+model's order (``[vocals, instrumental]`` for 1297), the ``no_<stem>`` practice tracks asked
+for after them (:meth:`stemsep.separator.Separator.chosen_stems`).
 Library errors (:class:`stemsep.errors.StemsepError`) fail the prediction with their
 one-sentence message and no traceback.
 
@@ -221,7 +222,7 @@ def network_in_use(separator: Separator) -> str:
 
 AUDIO_HELP = "The song to separate: WAV, FLAC, MP3, AAC/M4A, Ogg Vorbis/Opus or AIFF, at any sample rate, mono, stereo or more channels. Uploads are capped at 100 MB; pass a URL for larger files."
 MODEL_HELP = "The model: 1297 (BS-RoFormer, vocals and instrumental, the default), kim-vocals (MelBand-RoFormer, vocals and instrumental), duality-v2 (MelBand-RoFormer, best published instrumental SDR), karaoke (MelBand-RoFormer: karaoke = the lead vocals, other = the rest). The outputs are that model's stems in its order."
-STEMS_HELP = "Comma-separated stems to return, e.g. instrumental. Leave empty for all of the model's stems. Choosing one costs no less time: the complement is computed from the target."
+STEMS_HELP = "Comma-separated stems to return, e.g. instrumental. no_<stem> gives the song without that stem (mix minus stem, e.g. guitar,no_guitar to practise along); in WAV or FLAC the two add up to the song exactly. Leave empty for all of the model's stems. The files come in the model's stem order, practice tracks after. Choosing fewer costs no less time: one network pass gives them all."
 FORMAT_HELP = "File format of the stems: wav (uncompressed), flac (lossless, about half the size), or the lossy mp3, m4a (AAC) and opus, which are much smaller but no longer add up to the mix exactly. Opus is always 48 kHz."
 BITRATE_HELP = "Bitrate in kbit/s of mp3, m4a or opus stems. Leave empty for the format's default: 320 for mp3, 256 for m4a, 160 for opus."
 TTA_HELP = "Quality mode: average the network's estimate over the song, its swapped channels and its inverted polarity. Three times the network time."

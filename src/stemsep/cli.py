@@ -95,7 +95,8 @@ def _add_separate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bit-depth", default=DEFAULT_BIT_DEPTH, choices=[str(depth) for depth in BIT_DEPTHS],
                    help=f"wav/flac sample format: auto keeps the input's precision; 32 = float WAV (default: {DEFAULT_BIT_DEPTH})")
     p.add_argument("--stems", type=lambda v: [s.strip() for s in v.split(",") if s.strip()], metavar="NAMES",
-                   help="comma-separated stems to write, e.g. vocals (default: all of the model's)")
+                   help="comma-separated stems to write, e.g. vocals, or no_STEM for the mix without that stem, e.g. "
+                        "guitar,no_guitar (default: all of the model's)")
     _add_model_options(p)
     p.set_defaults(func=_run_separate)
 

@@ -6,7 +6,8 @@ network on its device, averaged over test-time augmentations or an ensemble's mo
 (runner.py, apply.py) -> overlap-add, back to the song's rate (chunking.py) -> named stems
 (stems.py) -> encode (encode.py). A single-target model gives its target and
 the complement (mix - target, bit-exact for PCM output); a multi-stem model gives each stem
-it predicts. Nothing is normalized. The CLI and the Cog predictor are thin layers over this.
+it predicts; any of them can be left out, and ``no_<stem>`` asked for (the mix without that
+stem, bit-exact the same way). Nothing is normalized. The CLI and the Cog predictor are thin layers over this.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from stemsep.runner import (
     resolve_device,
     resolve_precision,
 )
-from stemsep.stems import StemLayout, stem_layout, stem_samples
+from stemsep.stems import PRACTICE_PREFIX, StemLayout, stem_layout, stem_samples
 
 DEFAULT_INPUT_LIMIT_S = 3 * 3600  # longer inputs are refused before any work ($STEMSEP_MAX_DURATION_S moves it)
 
@@ -62,14 +63,20 @@ class _Separation:
         return self.layout.names
 
     def chosen_stems(self, stems: Sequence[str] | None) -> tuple[str, ...]:
-        """`stems` checked against the model's, in the model's order (None: all of them)."""
+        """`stems` checked against what the model can give (its stems, and ``no_<stem>`` for
+        each: the mix without it), in the order they come: the model's stems in its order,
+        then the practice tracks in the same order (None: the model's stems)."""
         if stems is None:
             return self.stems
-        unknown = [s for s in stems if s not in self.stems]
+        choices = self.layout.choices
+        unknown = [s for s in stems if s not in choices]
         if unknown or not stems:
             what = f"unknown stem {unknown[0]!r}" if unknown else "no stems chosen"
-            raise StemsepError(f"this model gives {', '.join(self.stems)}", file=str(what))
-        return tuple(s for s in self.stems if s in stems)
+            raise StemsepError(
+                f"this model gives {', '.join(self.stems)}, and {PRACTICE_PREFIX}<stem> for the mix without one of them",
+                file=str(what),
+            )
+        return tuple(s for s in choices if s in stems)
 
     def separate_array(
         self,
@@ -78,10 +85,13 @@ class _Separation:
         overlap: int | None = None,
         on_progress: ProgressCallback | None = None,
         tta: bool = False,
+        stems: Sequence[str] | None = None,
     ) -> dict[str, np.ndarray]:
         """Separate `mix` (channels, samples) at `sample_rate`; float32 stems of the same shape,
-        by name, in :attr:`stems` order. `tta` averages the network over test-time
-        augmentations (see :func:`stemsep.apply.estimate`): 3x the network time."""
+        by name: `stems` (see :meth:`chosen_stems`; default: all of :attr:`stems`), in the
+        order they come. `tta` averages the network over test-time augmentations (see
+        :func:`stemsep.apply.estimate`): 3x the network time."""
+        wanted = self.chosen_stems(stems)
         mix = np.asarray(mix, dtype=np.float32)
         if mix.ndim != 2 or mix.shape[0] < 1:
             raise StemsepError(f"audio must be shaped (channels, samples), got shape {mix.shape}")
@@ -89,8 +99,7 @@ class _Separation:
             raise AudioDecodeError("audio contains NaN or infinite samples")
         blocks = list(self._song([mix], sample_rate, mix.shape[0], _check_overlap(overlap), on_progress, mix.shape[1], tta))
         estimates = np.concatenate([e for _, e in blocks], axis=-1)  # (stems, channels, samples)
-        stems, _ = stem_samples(self.layout, mix, estimates)
-        return stems
+        return stem_samples(self.layout, mix, estimates, wanted=wanted)[0]
 
     def separate(
         self,
@@ -107,10 +116,12 @@ class _Separation:
         bitrate_kbps: int | None = None,
     ) -> dict[str, Path]:
         """Separate a file; write `<name>_<stem>.<ext>` for each of `stems` (default: all of
-        :attr:`stems`) into `output_dir` (created with its parents if missing; name defaults
-        to the input's name without extension). Returns the paths by stem. A complement is
-        computed from the network's target whether or not the target is written, so any
-        choice of stems costs one network pass (three with `tta`, see :meth:`separate_array`).
+        :attr:`stems`; ``no_<stem>`` for the mix without a stem, see :meth:`chosen_stems`)
+        into `output_dir` (created with its parents if missing; name defaults to the input's
+        name without extension). Returns the paths by stem, in the order of
+        :meth:`chosen_stems`. A complement or practice track is computed from the network's
+        estimate whether or not that stem is written, so any choice of stems costs one
+        network pass (three with `tta`, see :meth:`separate_array`).
 
         The file is decoded, separated and written block by block, so memory does not grow
         with its length. The stems appear together or not at all. Inputs longer than
@@ -135,7 +146,7 @@ class _Separation:
                 f"{_clock(frames / reader.header.sample_rate)} long, over the {_clock(limit)} limit (STEMSEP_MAX_DURATION_S)",
                 file=reader.name,
             )
-        name = name or _fit_name(input_path.stem, ext, self.stems)
+        name = name or _fit_name(input_path.stem, ext, wanted)
         paths = {stem: output_dir / f"{name}_{stem}.{ext}" for stem in wanted}
         _check_free_space(output_dir, len(paths) * encoding.estimated_bytes(frames or 0, channels))
 
@@ -144,7 +155,7 @@ class _Separation:
             try:
                 for mix, estimates in self._song(reader.blocks(), sample_rate, channels, overlap, on_progress, frames, tta):
                     heard = heard or bool(np.any(mix))
-                    writer.write(*stem_samples(self.layout, mix, estimates, encoding.subtype))
+                    writer.write(*stem_samples(self.layout, mix, estimates, encoding.subtype, wanted))
             except AudioDecodeError as exc:
                 if exc.file is not None:
                     raise

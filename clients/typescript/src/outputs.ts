@@ -13,8 +13,9 @@
  * 2. Otherwise a name ending in `_no_<x>.<ext>` is stem `no_<x>`, and any other the text
  *    after its last underscore.
  * 3. Outputs that carry no file name (data URLs, from a Cog server without an upload URL)
- *    take the order the model documents: its stems, those the `stems` input asks for, in
- *    the model's order. When that is not known either, the output is refused.
+ *    take the order the model documents: of its stems and then its `no_<stem>` practice
+ *    tracks, in the model's stem order, those the `stems` input asks for. When that is
+ *    not known either, the output is refused.
  *
  * `MODEL_STEMS` and `DEFAULT_MODEL` are written from stemsep's model catalogue when the
  * package is built (`scripts/catalogue.mjs`). `TERMINAL_STATUSES` is a JSON literal that
@@ -53,21 +54,22 @@ export function modelStems(input?: Inputs): readonly string[] | null {
 }
 
 /**
- * The stems the prediction returns, in the order the model documents: the model's stems,
- * restricted to the comma-separated `stems` input when it names any; `null` for an unknown model.
+ * The stems the prediction returns, in the order the model documents: the model's stems, or
+ * when the comma-separated `stems` input names any, those of `knownStems` it names, in that
+ * order (the model's stems, then the `no_<stem>` practice tracks); `null` for an unknown model.
  */
 export function expectedStems(input?: Inputs): readonly string[] | null {
   const stems = modelStems(input);
   const chosen = input?.stems;
   if (stems === null || typeof chosen !== "string" || !chosen.trim()) return stems;
   const wanted = new Set(chosen.split(",").map((s) => s.trim()));
-  return stems.filter((s) => wanted.has(s));
+  return knownStems(input)!.filter((s) => wanted.has(s));
 }
 
-/** Every stem name the outputs can carry: the model's stems and `no_<stem>` for each; `null` for an unknown model. */
+/** Every stem name the outputs can carry, in the order they come: the model's stems, then `no_<stem>` for each; `null` for an unknown model. */
 export function knownStems(input?: Inputs): readonly string[] | null {
   const stems = modelStems(input);
-  return stems === null ? null : [...stems, ...stems.map((s) => `no_${s}`)];
+  return stems === null ? null : [...new Set([...stems, ...stems.map((s) => `no_${s}`)])];
 }
 
 // the naming rule ---------------------------------------------------------------------------

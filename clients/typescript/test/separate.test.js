@@ -231,6 +231,7 @@ describe("naming (the same rule and cases as stemsep's Python tests)", () => {
   test("known and expected stems come from the catalogue's stems", () => {
     assert.deepEqual(knownStems(), ["vocals", "instrumental", "no_vocals", "no_instrumental"]);
     assert.deepEqual(expectedStems({ model: "4stem", stems: "vocals,bass" }), ["bass", "vocals"]);
+    assert.deepEqual(expectedStems({ model: "sw", stems: "no_guitar,piano,guitar" }), ["guitar", "piano", "no_guitar"]);
     assert.equal(knownStems({ model: "x" }), null);
   });
 

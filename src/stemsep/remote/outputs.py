@@ -13,9 +13,10 @@ name, by one rule (mirrored in ``clients/typescript/src/outputs.ts``):
 2. Otherwise a name ending in ``_no_<x>.<ext>`` is stem ``no_<x>``, and any other the text
    after its last underscore.
 3. Outputs that carry no file name (data URLs, from a Cog server without an upload URL)
-   take the order the model documents: the catalogue model's stems, those the ``stems``
-   input asks for, in the model's order. When that is not known either, the output is
-   refused with one sentence.
+   take the order the model documents: of the catalogue model's stems and then its
+   ``no_<stem>`` practice tracks, in the model's stem order, those the ``stems`` input asks
+   for (:func:`stemsep.stems.stem_choices`, the order predict.py returns them in). When that
+   is not known either, the output is refused with one sentence.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from urllib.parse import unquote, urlparse
 
 from stemsep import catalogue
 from stemsep.errors import RemoteError
+from stemsep.stems import stem_choices
 
 # Statuses after which a prediction never changes again ("aborted": Replicate's, newer than
 # the Python SDK's list). Mirrored in clients/typescript/src/outputs.ts.
@@ -56,21 +58,22 @@ def model_stems(inputs: Mapping[str, Any] | None = None) -> tuple[str, ...] | No
 
 def expected_stems(inputs: Mapping[str, Any] | None = None) -> tuple[str, ...] | None:
     """The stems the prediction returns, in the order the model documents: the model's
-    stems, restricted to the comma-separated ``stems`` input when it names any (as
-    predict.py reads it); None when the model is not in the catalogue."""
+    stems, or when the comma-separated ``stems`` input names any (as predict.py reads it),
+    those of :func:`known_stems` it names, in that order; None when the model is not in the
+    catalogue."""
     stems = model_stems(inputs)
     chosen = (inputs or {}).get("stems")
     if stems is None or not isinstance(chosen, str) or not chosen.strip():
         return stems
     wanted = {s.strip() for s in chosen.split(",")}
-    return tuple(s for s in stems if s in wanted)
+    return tuple(s for s in stem_choices(stems) if s in wanted)
 
 
 def known_stems(inputs: Mapping[str, Any] | None = None) -> tuple[str, ...] | None:
-    """Every stem name the prediction's outputs can carry: the model's stems and
-    ``no_<stem>`` for each; None when the model is not in the catalogue."""
+    """Every stem name the prediction's outputs can carry, in the order they come: the
+    model's stems, then ``no_<stem>`` for each; None when the model is not in the catalogue."""
     stems = model_stems(inputs)
-    return None if stems is None else (*stems, *(f"no_{s}" for s in stems))
+    return None if stems is None else stem_choices(stems)
 
 
 # the naming rule ----------------------------------------------------------------------------
