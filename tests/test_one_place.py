@@ -134,7 +134,6 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="catalogue._folder imports weights, which imports catalogue")
 def test_the_library_has_no_import_cycle():
     graph = {name: imports_of(name) for name in MODULES}
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))

@@ -194,13 +194,13 @@ def test_the_default_model_files_hold_the_published_sha256_and_mirror_order():
 
 def test_default_dir_follows_the_environment_variable(monkeypatch, tmp_path):
     monkeypatch.setenv("STEMSEP_WEIGHTS_DIR", str(tmp_path / "w"))
-    assert weights.default_dir() == tmp_path / "w"
+    assert catalogue.default_dir() == tmp_path / "w"
 
 
 def test_default_dir_is_weights_at_the_checkout_root(monkeypatch):
     monkeypatch.delenv("STEMSEP_WEIGHTS_DIR", raising=False)
     repo_root = Path(__file__).resolve().parents[1]
-    assert weights.default_dir() == repo_root / "weights"
+    assert catalogue.default_dir() == repo_root / "weights"
 
 
 def test_sha256_file_matches_hashlib(tmp_path):

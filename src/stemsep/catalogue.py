@@ -7,8 +7,9 @@ a commit or a package version) and download mirrors in the order to try them; th
 checkpoint also says in which precision it is published (``dtype``). A config is either
 downloaded like the checkpoint or shipped in this package (``configs/``), written from the
 published config's values. An entry also gives the model's architecture, the stems a
-separation gives, its licence as the author states it (None where none is stated), its
-provenance, and published quality figures with their sources. Every downloaded file's
+separation gives, its licence as the author states it (None where none is stated) and
+whether it forbids commercial use (``non_commercial``), its provenance and whether that is
+disputed (``provenance_disputed``), and published quality figures with their sources. Every downloaded file's
 checksum comes from a published list; nothing is trusted on first use. Downloading and
 checking the files is :mod:`stemsep.weights`' job; this module only reads the catalogue
 and finds a model's files on disk.
@@ -105,6 +106,14 @@ class Model:
     scores: tuple[Score, ...]
     notes: str | None = None
     provenance: str | None = None
+    non_commercial: bool = False  # the stated licence forbids commercial use
+    provenance_disputed: bool = False  # reported to derive from someone else's product
+
+    @property
+    def servable(self) -> bool:
+        """Whether the model may be served publicly: its stated licence allows commercial use
+        and its provenance is not disputed."""
+        return not (self.non_commercial or self.provenance_disputed)
 
     @property
     def files(self) -> tuple[WeightFile, ...]:
@@ -202,10 +211,14 @@ def _parse(raw: Mapping[str, Any]) -> Catalogue:
         stems = tuple(entry["stems"])
         if not stems or not all(isinstance(s, str) and s for s in stems):
             raise ValueError(f"model {name!r}: 'stems' should be a list of names")
+        flags = {key: entry.get(key, False) for key in ("non_commercial", "provenance_disputed")}
+        for key, value in flags.items():
+            if value is not True and value is not False:
+                raise ValueError(f"model {name!r}: {key!r} should be true or false")
         models[name] = Model(
             name=name, title=entry["title"], architecture=entry["architecture"], stems=stems,
             checkpoint=checkpoint, config=config, licence=entry.get("licence"), scores=scores,
-            notes=entry.get("notes"), provenance=entry.get("provenance"),
+            notes=entry.get("notes"), provenance=entry.get("provenance"), **flags,
         )
     default = raw["default"]
     if default not in models:
@@ -306,7 +319,7 @@ def is_downloaded(model: str | Model, folder: str | os.PathLike[str] | None = No
 
 def model_paths(name: str | Model | None = None, folder: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
     """The checkpoint and config paths of a downloaded model (default: :data:`DEFAULT`)
-    in `folder` (default: :func:`stemsep.weights.default_dir`).
+    in `folder` (default: :func:`default_dir`).
 
     Raises :class:`CatalogueError` for an unknown name and :class:`ModelNotDownloadedError`
     when a file is missing, saying how to get it. Only presence is checked here; loading
@@ -320,9 +333,18 @@ def model_paths(name: str | Model | None = None, folder: str | os.PathLike[str] 
     return paths
 
 
-def _folder(folder: str | os.PathLike[str] | None) -> Path:
-    if folder is not None:
-        return Path(folder)
-    from stemsep.weights import default_dir  # weights imports this module
+def default_dir() -> Path:
+    """The weights folder: ``$STEMSEP_WEIGHTS_DIR`` if set, else ``weights/`` at the
+    repository root when running from a checkout (the folder holding ``pyproject.toml``
+    above ``src/stemsep/``), else ``weights/`` in the current directory."""
+    env = os.environ.get("STEMSEP_WEIGHTS_DIR")
+    if env:
+        return Path(env).expanduser()
+    repo_root = Path(__file__).resolve().parents[2]  # src/stemsep/catalogue.py -> repo root
+    if (repo_root / "pyproject.toml").is_file():
+        return repo_root / "weights"
+    return Path.cwd() / "weights"
 
-    return default_dir()
+
+def _folder(folder: str | os.PathLike[str] | None) -> Path:
+    return default_dir() if folder is None else Path(folder)

@@ -268,7 +268,7 @@ def _list_models(folder: Path, stem: str | None) -> int:
 def _run_models(args: argparse.Namespace) -> int:
     from stemsep import weights
 
-    folder = args.dir or weights.default_dir()
+    folder = args.dir or catalogue.default_dir()
     if args.models_action is None:
         return _list_models(folder, args.stem)
     models = [catalogue.get(name) for name in dict.fromkeys(args.names)]  # every name checked before any work

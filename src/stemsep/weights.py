@@ -56,19 +56,6 @@ DownloadProgress = Callable[[int, "int | None", str], None]
 # where the files live ---------------------------------------------------------------------
 
 
-def default_dir() -> Path:
-    """The weights folder: ``$STEMSEP_WEIGHTS_DIR`` if set, else ``weights/`` at the
-    repository root when running from a checkout (the folder holding ``pyproject.toml``
-    above ``src/stemsep/``), else ``weights/`` in the current directory."""
-    env = os.environ.get("STEMSEP_WEIGHTS_DIR")
-    if env:
-        return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parents[2]  # src/stemsep/weights.py -> repo root
-    if (repo_root / "pyproject.toml").is_file():
-        return repo_root / "weights"
-    return Path.cwd() / "weights"
-
-
 def offline_by_default() -> bool:
     """Whether ``$STEMSEP_OFFLINE`` turns first-use downloads off (1, true, yes or on)."""
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
@@ -86,13 +73,13 @@ def model_files(
     timeout: float = 60,
 ) -> tuple[Path, Path]:
     """The checkpoint and config paths of a catalogue model (default: the default model) in
-    `directory` (default: :func:`default_dir`), downloading the files that are missing first
+    `directory` (default: :func:`stemsep.catalogue.default_dir`), downloading the files that are missing first
     (see :func:`download`). `offline` (default: ``$STEMSEP_OFFLINE``) forbids that: a missing
     file then raises :class:`ModelNotDownloadedError`. Files present are used as they are,
     without hashing them (:func:`verify` does; a download never leaves an unchecked file
     under a file's name, and loading a damaged checkpoint fails with its own error)."""
     model = catalogue.get(catalogue.DEFAULT if model is None else model)
-    directory = default_dir() if directory is None else Path(directory)
+    directory = catalogue.default_dir() if directory is None else Path(directory)
     if not all((directory / wf.name).is_file() for wf in model.files):
         if offline_by_default() if offline is None else offline:
             raise ModelNotDownloadedError(
@@ -127,9 +114,9 @@ def _hash_prefix(path: Path, length: int | None) -> hashlib._Hash:
 
 def verify(model: str | Model | None = None, directory: str | os.PathLike[str] | None = None) -> list[Path]:
     """Check that a model's downloaded files (default: the default model's) are in
-    `directory` (default: :func:`default_dir`) with their sizes and sha256; return their paths."""
+    `directory` (default: :func:`stemsep.catalogue.default_dir`) with their sizes and sha256; return their paths."""
     model = catalogue.get(catalogue.DEFAULT if model is None else model)
-    directory = default_dir() if directory is None else Path(directory)
+    directory = catalogue.default_dir() if directory is None else Path(directory)
     paths = []
     for wf in model.files:
         path = directory / wf.name
@@ -186,7 +173,7 @@ def download(
     timeout: float = 60,
 ) -> list[Path]:
     """Fetch a model's files (default: the default model's) into `directory` (default:
-    :func:`default_dir`, created if needed) and return their paths, checkpoint first.
+    :func:`stemsep.catalogue.default_dir`, created if needed) and return their paths, checkpoint first.
 
     A file already present with the right sha256 is kept without any network access; a
     missing or corrupt one is fetched from its mirrors in order (see the module's notes on
@@ -197,7 +184,7 @@ def download(
     mirror's failure, or when the folder lacks the free space for it.
     """
     model = catalogue.get(catalogue.DEFAULT if model is None else model)
-    directory = default_dir() if directory is None else Path(directory)
+    directory = catalogue.default_dir() if directory is None else Path(directory)
     if progress is None:
         progress = sys.stderr.isatty()
     try:
