@@ -355,7 +355,7 @@ def test_a_missing_local_file_is_named(api, tmp_path):
 
 
 def test_stem_urls_rejects_what_is_not_a_list_of_urls():
-    for bad in (None, "https://a/v.wav", [], [1, 2], {"../x": "https://a/v.wav"}, {"vocals": 3}):
+    for bad in (None, "https://a/v.wav", [], [1, 2], {"../x": "https://a/v.wav"}, {"vocals": 3}):  # not a path
         with pytest.raises(RemoteError, match="output"):
             remote.stem_urls(bad)
 

@@ -455,7 +455,7 @@ def raw_request(port: int, method: str, path: str, headers: dict | None = None) 
 
 
 TRAVERSALS = [
-    "/files/song-1/../../secret.txt",
+    "/files/song-1/../../secret.txt",  # not a path
     "/files/song-1/..%2f..%2fsecret.txt",
     "/files/song-1/%2e%2e%2f%2e%2e%2fsecret.txt",
     "/files/song-1/%2e%2e/%2e%2e/secret.txt",
@@ -468,7 +468,7 @@ TRAVERSALS = [
     "/files/song-1/stemsep-ui.json",
     "/files/linked/secret_vocals.wav",  # a separation folder that is a symlink out
     "/files/song-1/..\\..\\secret.txt",
-    "/static/../../secret.txt",
+    "/static/../../secret.txt",  # not a path
     "/static/%2e%2e/%2e%2e/%2e%2e/secret.txt",
     "/static/..%2f..%2f..%2fsecret.txt",
     "/api/separations/..%2f..%2fsecret.txt",
