@@ -52,10 +52,14 @@ from stemsep.separator import Separator  # noqa: E402
 
 # The catalogue models cog.yaml bakes into the image, the default first: 1297, the best
 # vocals and the best instrumental MelBand-RoFormer by published SDR, and the karaoke model
-# (lead vocals apart from backing vocals), the most asked-for of the rest. cog.yaml's build
-# steps, the `model` input's choices and description below and the README list the same
-# names (tests/test_cog_config.py checks that they all agree, and with the catalogue).
-BAKED_MODELS = ("1297", "kim-vocals", "duality-v2", "karaoke")
+# (lead vocals apart from backing vocals), kept because callers choose them; then the
+# models with the highest Multisong SDR for vocals and for instrumental among those that
+# may be served publicly (the HyperACE v2 pair), and MVSep Mega for guitar (with its other
+# instruments). A model whose stated licence forbids commercial use, or whose provenance is
+# disputed, is never served (catalogue.Model.servable). cog.yaml's build steps, the `model`
+# input's choices and description below and the README list the same names
+# (tests/test_cog_config.py checks that they all agree, and with the catalogue).
+BAKED_MODELS = ("1297", "kim-vocals", "duality-v2", "karaoke", "hyperace-vocals", "hyperace-inst", "mega")
 
 # A checkout's weights/. The image bakes them into /weights instead (cog.yaml sets
 # $STEMSEP_WEIGHTS_DIR): `cog run`/`cog serve` mount the project over /src, which would hide
@@ -66,14 +70,19 @@ WEIGHTS_DIR = ROOT / "weights"
 def model_files(name: str = catalogue.DEFAULT) -> tuple[FilePath, FilePath]:
     """The checkpoint and config of a baked model: its catalogue files in
     $STEMSEP_WEIGHTS_DIR (the image's /weights, filled and sha256-checked at build time), else
-    in WEIGHTS_DIR; for the default model $STEMSEP_CHECKPOINT / $STEMSEP_CONFIG first."""
+    in WEIGHTS_DIR; a config the package ships is read from there (a file of its name in
+    the weights folder takes its place); for the default model $STEMSEP_CHECKPOINT /
+    $STEMSEP_CONFIG first. Nothing is downloaded: a model missing from the image is one
+    sentence."""
     weights = FilePath(os.environ.get("STEMSEP_WEIGHTS_DIR") or WEIGHTS_DIR)
     if name == catalogue.DEFAULT:
         checkpoint, config = catalogue.get(name).paths(weights)
         checkpoint = FilePath(os.environ.get("STEMSEP_CHECKPOINT") or checkpoint)
         config = FilePath(os.environ.get("STEMSEP_CONFIG") or config)
         return checkpoint, config
-    return catalogue.model_paths(name, weights)  # one sentence if a file is missing
+    checkpoint, config = catalogue.model_paths(name, weights)  # one sentence if a file is missing
+    beside = weights / config.name
+    return checkpoint, beside if beside.is_file() else config
 
 
 def work_root() -> FilePath:
@@ -221,7 +230,7 @@ def network_in_use(separator: Separator) -> str:
 # literal (no implicit concatenation, no escapes), named here so that it can be long.
 
 AUDIO_HELP = "The song to separate: WAV, FLAC, MP3, AAC/M4A, Ogg Vorbis/Opus or AIFF, at any sample rate, mono, stereo or more channels. Uploads are capped at 100 MB; pass a URL for larger files."
-MODEL_HELP = "The model: 1297 (BS-RoFormer, vocals and instrumental, the default), kim-vocals (MelBand-RoFormer, vocals and instrumental), duality-v2 (MelBand-RoFormer, best published instrumental SDR), karaoke (MelBand-RoFormer: karaoke = the lead vocals, other = the rest). The outputs are that model's stems in its order."
+MODEL_HELP = "The model: 1297 (BS-RoFormer, vocals and instrumental, the default), kim-vocals (MelBand-RoFormer, vocals and instrumental), duality-v2 (MelBand-RoFormer, vocals and instrumental), karaoke (MelBand-RoFormer: karaoke = the lead vocals, other = the rest), hyperace-vocals (BS-RoFormer HyperACE v2, vocals and instrumental: the best published vocals SDR of these models, 11.39 dB on MVSEP's Multisong set), hyperace-inst (BS-RoFormer HyperACE v2, instrumental and vocals: the best published instrumental SDR of these models, 17.40 dB), mega (MVSep Mega BS-RoFormer, 53 overlapping stems: guitar, piano, bass, drums, vocal and many more; ask for a few with stems, e.g. guitar,no_guitar). The outputs are that model's stems in its order."
 STEMS_HELP = "Comma-separated stems to return, e.g. instrumental. no_<stem> gives the song without that stem (mix minus stem, e.g. guitar,no_guitar to practise along); in WAV or FLAC the two add up to the song exactly. Leave empty for all of the model's stems. The files come in the model's stem order, practice tracks after. Choosing fewer costs no less time: one network pass gives them all."
 FORMAT_HELP = "File format of the stems: wav (uncompressed), flac (lossless, about half the size), or the lossy mp3, m4a (AAC) and opus, which are much smaller but no longer add up to the mix exactly. Opus is always 48 kHz."
 BITRATE_HELP = "Bitrate in kbit/s of mp3, m4a or opus stems. Leave empty for the format's default: 320 for mp3, 256 for m4a, 160 for opus."
@@ -279,7 +288,7 @@ class Runner(BaseRunner):
     async def run(
         self,
         audio: Path = Input(description=AUDIO_HELP),
-        model: str = Input(description=MODEL_HELP, choices=["1297", "kim-vocals", "duality-v2", "karaoke"], default="1297"),
+        model: str = Input(description=MODEL_HELP, choices=["1297", "kim-vocals", "duality-v2", "karaoke", "hyperace-vocals", "hyperace-inst", "mega"], default="1297"),
         stems: Optional[str] = Input(description=STEMS_HELP, default=None),
         output_format: str = Input(description=FORMAT_HELP, choices=["wav", "flac", "mp3", "m4a", "opus"], default="wav"),
         bit_depth: str = Input(description=BIT_DEPTH_HELP, choices=["auto", "16", "24", "32"], default="auto"),

@@ -410,8 +410,35 @@ def test_the_documents_name_the_baked_models_and_their_size():
     assert sizes.group(1) + " GB" == total
     deploy = " ".join((REPO / "docs" / "deploy.md").read_text().split())
     assert f"about {total}" in deploy and ", ".join(baked_models()) in deploy
-    assert "none of the four baked models' authors does" in deploy  # state a licence:
+    assert "none of the seven baked models' authors states one for the weights" in deploy  # a licence:
     assert [catalogue.get(name).licence for name in baked_models()] == [None] * len(baked_models())
+
+
+def test_only_models_that_may_be_served_publicly_are_baked_and_the_best_of_them_are():
+    """The image serves the public: no baked model's stated licence forbids commercial use and
+    none has a disputed provenance (a model downloaded inside the container would be served
+    as well, and none is: predict.py reads the image's files only). Of the models that may
+    be served, those with the highest Multisong SDR for vocals and for instrumental are baked,
+    and a guitar model is."""
+    for name in baked_models():
+        model = catalogue.get(name)
+        assert model.servable and not model.non_commercial and not model.provenance_disputed, name
+    best = catalogue.best_per_stem([m for m in catalogue.MODELS.values() if m.servable])
+    assert {stem: (model.name, score.sdr) for stem, (model, score) in best.items() if stem in ("vocals", "instrumental")} == {
+        "vocals": ("hyperace-vocals", 11.39), "instrumental": ("hyperace-inst", 17.4)}
+    assert {best["vocals"][0].name, best["instrumental"][0].name} <= set(baked_models())
+    assert any("guitar" in catalogue.get(name).stems for name in baked_models())
+    # the flags agree with what the catalogue says in words, and rule out the models they should
+    for model in catalogue.MODELS.values():
+        assert model.non_commercial == bool(re.search(r"non-commercial|\bNC\b", model.licence or "")), model.name
+    assert [m.name for m in catalogue.MODELS.values() if not m.servable] == ["sw", "deux", "guitar"]
+    imported = set()
+    for node in ast.walk(predict_source()):
+        if isinstance(node, ast.ImportFrom):
+            imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+    assert "stemsep.catalogue" in imported and "stemsep.weights" not in imported  # nothing downloads in the container
 
 
 @pytest.mark.parametrize("scenario", ["first-mirror-down", "every-mirror-wrong"])

@@ -4,8 +4,10 @@ The server is coglet 0.23.1 as the image runs it (tests/cogserver.py starts it),
 inputs against the committed .cog/openapi_schema.json. It serves tiny constructed
 checkpoints laid out like weights/ (the 1297 file names): a pass-through one (constant mask
 1, so vocals == input and instrumental == silence) with 0.25-s chunks, so that a chunk
-takes milliseconds and a long input takes many seconds. The tests that start a server are
-marked slow (about a minute together); the runner's helpers are tested in-process.
+takes milliseconds and a long input takes many seconds; the `model` input's other choices
+are served by tiny stand-ins under their catalogue file names (configs too, which the
+runner reads from the weights folder before the package's). The tests that start a server
+are marked slow (about a minute together); the runner's helpers are tested in-process.
 """
 
 from __future__ import annotations
@@ -898,51 +900,113 @@ def test_canceling_one_of_two_predictions_leaves_the_other_to_finish(concurrent_
 # the model choice, chosen stems, compressed output, progress ----------------------------------
 
 
-@pytest.fixture(scope="module")
-def two_model_server(tmp_path_factory):
-    """A server whose weights folder holds two baked models under their catalogue names: the
-    default (pass-through) and `karaoke` (a constant mask of 0.5 on its target, `karaoke`)."""
+def stand_in(weights: Path, name: str, training: dict, mask) -> None:
+    """A tiny constructed checkpoint and config under catalogue model `name`'s file names in
+    `weights` (a config the package ships is stood in for by a file of its name there, which
+    the runner reads instead)."""
     from stemsep import catalogue
 
-    weights = tmp_path_factory.mktemp("two-models")
+    model = catalogue.get(name)
+    config = config_dict(model={**TINY_MODEL, "num_stems": 1 if training.get("target_instrument") else len(training["instruments"])},
+                         audio={"chunk_size": CHUNK}, training=training)
+    checkpoint, config_path = make_model_files(weights, config, mask=mask, name=f"stand-in-{name}")
+    checkpoint.rename(weights / model.checkpoint.name)
+    config_path.rename(weights / model.config.name)
+
+
+MEGA_GUITAR = 0.5  # the Mega stand-in's guitar is half the mix, each other stem a tenth
+
+
+@pytest.fixture(scope="module")
+def baked_server(tmp_path_factory):
+    """A server whose weights folder holds five baked models under their catalogue names: the
+    default (pass-through), `karaoke` (a constant mask of 0.5 on its target, `karaoke`),
+    `hyperace-vocals` and `hyperace-inst` (masks of 0.75 and 0.25 on their targets, vocals
+    and instrumental) and `mega` (its 53 stems, guitar at MEGA_GUITAR); kim-vocals and
+    duality-v2 are missing."""
+    from stemsep import catalogue
+
+    weights = tmp_path_factory.mktemp("baked")
     weights_like_dir(weights)
-    karaoke = catalogue.get("karaoke")
-    config = config_dict(model=TINY_MODEL, audio={"chunk_size": CHUNK},
-                         training={"instruments": ["karaoke", "other"], "target_instrument": "karaoke"})
-    made = make_model_files(tmp_path_factory.mktemp("karaoke"), config, mask=0.5)
-    for path, target in zip(made, karaoke.paths(weights)):
-        path.rename(target)
-    env = {"STEMSEP_WEIGHTS_DIR": str(weights), "STEMSEP_WORK_DIR": str(tmp_path_factory.mktemp("two-work"))}
+    stand_in(weights, "karaoke", {"instruments": ["karaoke", "other"], "target_instrument": "karaoke"}, 0.5)
+    stand_in(weights, "hyperace-vocals", {"instruments": ["vocals", "other"], "target_instrument": "vocals"}, 0.75)
+    stand_in(weights, "hyperace-inst", {"instruments": ["instrumental", "vocals"], "target_instrument": "instrumental"}, 0.25)
+    mega = catalogue.get("mega").stems
+    stand_in(weights, "mega", {"instruments": list(mega), "target_instrument": None},
+             [MEGA_GUITAR if stem == "guitar" else 0.1 for stem in mega])
+    env = {"STEMSEP_WEIGHTS_DIR": str(weights), "STEMSEP_WORK_DIR": str(tmp_path_factory.mktemp("baked-work"))}
     with cog_server(env, log_dir=tmp_path_factory.mktemp("logs")) as s:
         yield s
 
 
-@pytest.mark.slow
-def test_the_model_input_picks_a_baked_model_and_names_its_stems(two_model_server):
-    x = song(1.0)
-    body = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "model": "karaoke"}}).json()
+def outputs_by_stem(body: dict, inputs: dict) -> dict[str, np.ndarray]:
+    """A prediction's data-URL outputs by stem, matched in the order stemsep.remote documents
+    (data URLs carry no file name), decoded."""
+    from stemsep.remote import stem_urls
+
     assert body["status"] == "succeeded", body.get("error")
-    karaoke, other = (decode_data_url(url)[0] for url in body["output"])
+    return {stem: decode_data_url(url)[0] for stem, url in stem_urls(body["output"], inputs).items()}
+
+
+@pytest.mark.slow
+def test_the_model_input_picks_a_baked_model_and_names_its_stems(baked_server):
+    x = song(1.0)
+    inputs = {"audio": data_url(wav_bytes(x)), "model": "karaoke"}
+    karaoke, other = outputs_by_stem(baked_server.predict({"input": inputs}).json(), inputs).values()
     assert np.max(np.abs(karaoke - 0.5 * x)) <= 2 * LSB16 and np.max(np.abs(other - 0.5 * x)) <= 2 * LSB16
-    assert "stemsep: karaoke loaded in" in two_model_server.logs()
-    default = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x))}}).json()
+    assert "stemsep: karaoke loaded in" in baked_server.logs()
+    default = baked_server.predict({"input": {"audio": data_url(wav_bytes(x))}}).json()
     vocals, instrumental = (decode_data_url(url)[0] for url in default["output"])  # 1297 unchanged: vocals first
     assert np.max(np.abs(vocals - x)) <= LSB16 and np.max(np.abs(instrumental)) <= LSB16
-    missing = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "model": "kim-vocals"}}).json()
+    missing = baked_server.predict({"input": {"audio": data_url(wav_bytes(x)), "model": "kim-vocals"}}).json()
     assert missing["status"] == "failed" and "model kim-vocals is not downloaded" in missing["error"]
-    unknown = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "model": "demucs"}})
-    assert unknown.status == 422
+    for unknown in ("demucs", "deux", "sw", "guitar"):  # not servable publicly: not a choice
+        assert baked_server.predict({"input": {"audio": data_url(wav_bytes(x)), "model": unknown}}).status == 422, unknown
 
 
 @pytest.mark.slow
-def test_chosen_stems_and_compressed_output_through_the_server(two_model_server):
+def test_the_hyperace_models_give_their_stems_in_their_order(baked_server):
+    x = song(1.0, seed=1)
+    for model, target, rest, gain in (("hyperace-vocals", "vocals", "instrumental", 0.75),
+                                      ("hyperace-inst", "instrumental", "vocals", 0.25)):
+        inputs = {"audio": data_url(wav_bytes(x)), "model": model}
+        stems = outputs_by_stem(baked_server.predict({"input": inputs}).json(), inputs)
+        assert list(stems) == [target, rest]
+        assert np.max(np.abs(stems[target] - gain * x)) <= 2 * LSB16
+        assert np.array_equal(np.round((stems[target] + stems[rest]) * 32768), np.round(x * 32768))
+        assert f"stemsep: {model} loaded in" in baked_server.logs()
+
+
+@pytest.mark.slow
+def test_mega_gives_the_guitar_and_the_song_without_it_adding_up_exactly(baked_server):
+    x = song(1.0, seed=2)
+    for bits in (16, 24):
+        inputs = {"audio": data_url(wav_bytes(x, subtype=f"PCM_{bits}")), "model": "mega", "stems": "no_guitar,guitar",
+                  "output_format": "flac" if bits == 24 else "wav"}
+        body = baked_server.predict({"input": inputs}).json()
+        assert len(body["output"]) == 2
+        stems = outputs_by_stem(body, inputs)
+        assert list(stems) == ["guitar", "no_guitar"]  # the model's stem first, the practice track after
+        assert np.max(np.abs(stems["guitar"] - MEGA_GUITAR * x)) <= 2 * LSB16
+        scale = 2.0 ** (bits - 1)
+        assert np.array_equal(np.round(stems["guitar"] * scale) + np.round(stems["no_guitar"] * scale), np.round(x * scale))
+    # a single-target model's no_<target> is its complement, under the name asked for
+    inputs = {"audio": data_url(wav_bytes(x)), "model": "karaoke", "stems": "no_karaoke"}
+    (no_karaoke,) = outputs_by_stem(baked_server.predict({"input": inputs}).json(), inputs).values()
+    assert np.max(np.abs(no_karaoke - 0.5 * x)) <= 2 * LSB16
+    bad = baked_server.predict({"input": {"audio": data_url(wav_bytes(x)), "model": "mega", "stems": "no_kazoo"}}).json()
+    assert bad["status"] == "failed" and "unknown stem 'no_kazoo': this model gives accordion, acoustic-guitar" in bad["error"]
+
+
+@pytest.mark.slow
+def test_chosen_stems_and_compressed_output_through_the_server(baked_server):
     x = tones(RATE, RATE, 2, level=0.3).T.astype(np.float64)  # music-like: lossy codecs code noise coarsely
-    body = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "stems": "instrumental",
+    body = baked_server.predict({"input": {"audio": data_url(wav_bytes(x)), "stems": "instrumental",
                                                "output_format": "mp3", "bitrate": 192}}).json()
     assert body["status"] == "succeeded", body.get("error")
     assert len(body["output"]) == 1 and body["output"][0].startswith("data:audio/mpeg")
     for fmt, rate in (("m4a", RATE), ("opus", 48000)):
-        body = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "output_format": fmt}}).json()
+        body = baked_server.predict({"input": {"audio": data_url(wav_bytes(x)), "output_format": fmt}}).json()
         assert body["status"] == "succeeded", body.get("error")
         header, payload = body["output"][0].split(",", 1)
         path = Path(tempfile.mkdtemp()) / f"vocals.{fmt}"
@@ -952,15 +1016,15 @@ def test_chosen_stems_and_compressed_output_through_the_server(two_model_server)
         if rate == RATE:
             assert vocals.shape[1] == x.shape[0]
             assert 10 * np.log10(np.sum(x**2) / np.sum((vocals.T - x) ** 2)) > 15  # aligned, not shifted
-    bad = two_model_server.predict({"input": {"audio": data_url(wav_bytes(x)), "output_format": "mp3", "bitrate": 100}}).json()
+    bad = baked_server.predict({"input": {"audio": data_url(wav_bytes(x)), "output_format": "mp3", "bitrate": 100}}).json()
     assert bad["status"] == "failed" and "bitrate" in bad["error"].lower()
 
 
 @pytest.mark.slow
-def test_progress_lines_are_what_replicates_client_parses(two_model_server):
+def test_progress_lines_are_what_replicates_client_parses(baked_server):
     from replicate.prediction import Prediction
 
-    body = two_model_server.predict({"input": {"audio": data_url(wav_bytes(song(2.0, seed=6))), "tta": True}}).json()
+    body = baked_server.predict({"input": {"audio": data_url(wav_bytes(song(2.0, seed=6))), "tta": True}}).json()
     assert body["status"] == "succeeded", body.get("error")
     progress = Prediction(id="p", model="o/m", version="v", status="processing", input={}, logs=body["logs"]).progress
     assert progress is not None and progress.current == progress.total > 1 and progress.percentage == 1.0

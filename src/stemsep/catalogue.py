@@ -9,8 +9,9 @@ downloaded like the checkpoint or shipped in this package (``configs/``), writte
 published config's values. An entry also gives the model's architecture, the stems a
 separation gives, its licence as the author states it (None where none is stated) and
 whether it forbids commercial use (``non_commercial``), its provenance and whether that is
-disputed (``provenance_disputed``), and published quality figures with their sources. Every downloaded file's
-checksum comes from a published list; nothing is trusted on first use. Downloading and
+disputed (``provenance_disputed``), and published quality figures with their sources.
+Every downloaded file's checksum comes from a published list; nothing is trusted on first
+use. Downloading and
 checking the files is :mod:`stemsep.weights`' job; this module only reads the catalogue
 and finds a model's files on disk.
 
