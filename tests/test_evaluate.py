@@ -301,16 +301,17 @@ class FakeSeparator:
     the network: fast, and exactly known estimates."""
 
     def __init__(self, stems, make, layout=None, checkpoint="fake.ckpt"):
-        self.stems, self.make, self.calls = tuple(stems), make, []
+        self.stems, self.make, self.calls, self.asked = tuple(stems), make, [], []
         if layout is not None:
             self.layout = layout
         self.model_files = (Path(checkpoint), Path(checkpoint).with_suffix(".yaml"))
         self.config = SimpleNamespace(inference=SimpleNamespace(num_overlap=4))
         self.precision, self.device, self.batch_size = "fp32", "cpu", 1
 
-    def separate_array(self, mix, sample_rate, overlap=None, on_progress=None, tta=False):
+    def separate_array(self, mix, sample_rate, overlap=None, on_progress=None, tta=False, stems=None):
         self.calls.append({"overlap": overlap, "tta": tta})
-        return {name: self.make(name, mix) for name in self.stems}
+        self.asked.append(stems)
+        return {name: self.make(name, mix) for name in self.stems if stems is None or name in stems}
 
 
 def one_sentence(message: str) -> bool:
@@ -518,8 +519,7 @@ def test_a_results_file_of_another_format_or_other_stems_is_refused(excerpt, tmp
         evaluate.evaluate(tracks, estimator, results_path=results, bsseval=False)
 
 
-# FOR THE LEAD: a real Separator (no fake) of a constructed 4-stem checkpoint with --tta, end to end
-# through the CLI; it needs multi-stem configs and `tta` in Separator.separate_array.
+# A real Separator (no fake) of a constructed 4-stem checkpoint with --tta, end to end through the CLI.
 def test_real_four_stem_separator_with_tta_scores_like_the_mixture_over_four(four_stems, tmp_path, capsys, one_torch_thread):
     config = config_dict(
         model={**SMALL_STFT, "num_stems": 4}, audio={"chunk_size": 4096},
@@ -538,8 +538,8 @@ def test_real_four_stem_separator_with_tta_scores_like_the_mixture_over_four(fou
         assert data["tracks"][0]["sdr"][s] == pytest.approx(msst_sdr(truth[s], mixture / 4), abs=0.01)
 
 
-# FOR THE LEAD: a real Ensemble of two constructed vocals models (masks 1 and 0.5: vocals = 0.75 of
-# the mix) through the CLI, with both checkpoints recorded.
+# A real Ensemble of two constructed vocals models (masks 1 and 0.5: vocals = 0.75 of the mix)
+# through the CLI, with both checkpoints recorded.
 def test_real_ensemble_scores_the_mean_of_its_models(four_stems, tmp_path, capsys, one_torch_thread):
     config = config_dict(model=SMALL_STFT, audio={"chunk_size": 4096})
     files = [make_model_files(tmp_path / "models", config, mask=m, name=name) for m, name in ((1.0, "one"), (0.5, "half"))]
@@ -553,3 +553,64 @@ def test_real_ensemble_scores_the_mean_of_its_models(four_stems, tmp_path, capsy
     mixture, vocals = four_stems["mixture"], four_stems["stems"]["vocals"]
     assert data["tracks"][0]["sdr"]["vocals"] == pytest.approx(msst_sdr(vocals, 0.75 * mixture), abs=0.01)
     assert data["tracks"][0]["sdr"]["instrumental"] == pytest.approx(msst_sdr(mixture - vocals, 0.25 * mixture), abs=0.01)
+
+
+# models that split MUSDB's stems further: SW's six, MVSep Mega's 53 -----------------------------
+
+SW_STEMS = ("bass", "drums", "other", "vocals", "guitar", "piano")
+SW_MASKS = (0.1, 0.2, 0.3, 0.05, 0.15, 0.25)  # per stem, in that order: MUSDB's other = 0.3 + 0.15 + 0.25 = 0.7 of the mix
+
+
+def test_stems_inside_musdbs_other_are_summed_into_it_and_overlapping_ones_left_out():
+    from stemsep import catalogue
+
+    sw = evaluate.musdb_mapping(catalogue.get("sw").stems)
+    assert sw.stem_map == {s: s for s in ("bass", "drums", "other", "vocals")}
+    assert sw.summed == {"other": ("other", "guitar", "piano")} and sw.left_out == ()
+    mega = catalogue.get("mega").stems
+    scored = evaluate.musdb_mapping(mega)
+    assert scored.stem_map == {"bass": "bass", "drums": "drums", "vocal": "vocals"} and scored.summed == {}
+    assert scored.left_out == tuple(s for s in mega if s not in ("bass", "drums", "vocal"))
+    for stems in (("guitar", "other"), ("vocals", "guitar", "other"), ("vocals", "drums", "piano")):  # nothing to split
+        with pytest.raises(evaluate.EvaluationError, match="stem cannot be scored: MUSDB has references for"):
+            evaluate.musdb_mapping(stems)
+
+
+def test_a_six_stem_models_other_guitar_and_piano_are_scored_as_musdbs_other(four_stems, tmp_path, capsys, one_torch_thread):
+    """A constructed SW-like 6-stem BS-RoFormer through the CLI: the `other` scored is the sum
+    of its other, guitar and piano (0.7 of the mix), not its other alone (0.3)."""
+    config = config_dict(model={**SMALL_STFT, "num_stems": 6}, audio={"chunk_size": 4096},
+                         training={"instruments": list(SW_STEMS), "target_instrument": None})
+    checkpoint, config_path = make_model_files(tmp_path / "model", config, mask=list(SW_MASKS))
+    results = tmp_path / "eval.json"
+    argv = ["eval", str(four_stems["root"]), "--checkpoint", str(checkpoint), "--config", str(config_path), "--device", "cpu",
+            "--overlap", "2", "--no-bsseval", "--json", str(results)]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[2:6] == ["bass", "drums", "other", "vocals"]
+    data = json.loads(results.read_text())
+    assert data["stems"] == ["bass", "drums", "other", "vocals"]
+    assert data["settings"]["summed"] == {"other": ["other", "guitar", "piano"]} and "left_out" not in data["settings"]
+    truth, mixture, sdr = four_stems["stems"], four_stems["mixture"], data["tracks"][0]["sdr"]
+    for stem, gain in (("bass", 0.1), ("drums", 0.2), ("other", 0.7), ("vocals", 0.05)):
+        assert sdr[stem] == pytest.approx(msst_sdr(truth[stem], gain * mixture), abs=0.01), stem
+    assert abs(msst_sdr(truth["other"], 0.3 * mixture) - sdr["other"]) > 1  # other alone would score apart
+
+
+def test_a_model_of_overlapping_stems_is_scored_on_those_musdb_has_and_says_what_it_left_out(four_stems):
+    from stemsep import catalogue
+
+    mega = catalogue.get("mega").stems
+    fake = FakeSeparator(mega, lambda name, mix: mix / 4 if name in ("bass", "drums", "vocal") else mix)
+    report = evaluate.evaluate(evaluate.find_tracks(four_stems["root"]), evaluate.separator_estimates(fake), bsseval=False)
+    assert fake.asked == [["bass", "drums", "vocal"]]  # only what is scored
+    assert report.stems == ("bass", "drums", "vocals")
+    truth, mixture = four_stems["stems"], four_stems["mixture"]
+    assert report.scores[0].sdr == pytest.approx({s: msst_sdr(truth[s], mixture / 4) for s in report.stems}, abs=1e-9)
+    assert report.scores[0].settings["left_out"] == [s for s in mega if s not in ("bass", "drums", "vocal")]
+
+
+def test_practice_track_files_are_not_estimates_of_their_stem(tmp_path):
+    vocals = touch(tmp_path / "T_vocals.wav")
+    touch(tmp_path / "T_no_vocals.wav")
+    touch(tmp_path / "T" / "song_no_drums.flac")
+    assert evaluate.find_estimates(tmp_path, "T") == {"vocals": vocals}

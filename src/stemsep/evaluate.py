@@ -3,10 +3,14 @@
 MUSDB has four reference stems, vocals, drums, bass and other; a fifth, the instrumental, is
 taken as mixture - vocals (what a vocals/instrumental split can recover from the mixture).
 Every stem an estimator gives is scored against its reference: a vocals/instrumental model's
-two, a 4-stem model's four. Model stem names map to these case-insensitively, and
-`accompaniment` is the instrumental (:data:`STEM_ALIASES`); a stem with no reference
-("karaoke", "reverb", ...) cannot be scored and is refused. A track loads its mixture and
-only the references its estimates need. Estimates come from a model
+two, a 4-stem model's four. Model stem names map to these case-insensitively, `accompaniment`
+is the instrumental and `vocal` the vocals (:data:`STEM_ALIASES`); a stem with no reference
+("karaoke", "reverb", ...) cannot be scored and is refused, except from a model that splits
+MUSDB's stems further (:func:`musdb_mapping`): one that gives vocals, drums, bass and other
+and more (SW's guitar and piano) has the others summed into MUSDB's other, which holds
+them; one that gives vocals, drums and bass but no other (MVSep Mega, whose 53 stems
+overlap, so that no sum of them is MUSDB's other) is scored on those three and the rest is
+left out. A track loads its mixture and only the references its estimates need. Estimates come from a model
 (:func:`separator_estimates`) or from stem files another tool wrote (:func:`file_estimates`).
 Two figures per stem and track:
 
@@ -47,7 +51,7 @@ from stemsep.stems import COMPLEMENTS  # mixture - one is the other
 MUSDB_STEMS = ("vocals", "drums", "bass", "other")  # the reference stems a MUSDB track has
 STEMS = ("vocals", "instrumental", "drums", "bass", "other")  # what can be scored (instrumental = mixture - vocals)
 STEM_ALIASES = {  # a stem's names, lower case, in models and in estimate files
-    "vocals": ("vocals",),
+    "vocals": ("vocals", "vocal"),
     "instrumental": ("instrumental", "accompaniment"),
     "drums": ("drums",),
     "bass": ("bass",),
@@ -90,6 +94,36 @@ def reference_stems(names: Iterable[str], known: Mapping[str, str] | None = None
             raise EvaluationError(f"the {twin!r} and {name!r} stems would both be scored as the {stem}; only one can be")
         stems[name] = stem
     return stems
+
+
+@dataclass(frozen=True)
+class MusdbMapping:
+    """How a model's stems are scored on MUSDB: `stem_map` ({model stem: scored stem}, in the
+    model's order), the model stems `summed` into one scored stem ({scored stem: the model
+    stems added up, the one named for it first}), and the model stems `left_out`."""
+
+    stem_map: dict[str, str]
+    summed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    left_out: tuple[str, ...] = ()
+
+
+def musdb_mapping(names: Iterable[str], known: Mapping[str, str] | None = None) -> MusdbMapping:
+    """The scoring of a model giving the stems `names` (`known` names taken as given): each
+    stem as its reference (:func:`reference_stems`), except that stems with no reference
+    are summed into `other` when the model also gives vocals, drums, bass and other (its
+    stems then split MUSDB's other further), or left out when it gives vocals, drums and bass
+    but no other (its stems overlap: MVSep Mega); otherwise they are refused."""
+    names, known = tuple(names), dict(known or {})
+    mapped = {name: known.get(name) or reference_stem(name) for name in names}
+    unmapped = tuple(name for name, stem in mapped.items() if stem is None)
+    scored = set(mapped.values())
+    if unmapped and set(MUSDB_STEMS) <= scored:
+        other = next(name for name, stem in mapped.items() if stem == "other")
+        stem_map = reference_stems([n for n in names if n not in unmapped], known)
+        return MusdbMapping(stem_map, {"other": (other, *unmapped)})
+    if unmapped and {"vocals", "drums", "bass"} <= scored:
+        return MusdbMapping(reference_stems([n for n in names if n not in unmapped], known), left_out=unmapped)
+    return MusdbMapping(reference_stems(names, known))
 
 
 def _source_of(stem: str) -> str:
@@ -255,18 +289,23 @@ def find_tracks(dataset: str | Path, split: str = "test") -> list[Track]:
 # estimator may have a `stem_map` attribute, {name it returns: scored stem} in its order,
 # known before any track: evaluate() then checks the stems and the dataset before the first
 # estimate (a model's stems are known when it is loaded; files are only found track by track).
+# It may also have `summed` and `left_out` (see MusdbMapping), which the results record.
 Estimator = Callable[[Track, np.ndarray, int], dict[str, np.ndarray]]
 
 
 @dataclass
 class SeparatorEstimates:
     """Estimator: a :class:`stemsep.separator.Separator` (or anything with its interface, an
-    ensemble) run on each mixture, with `overlap` and `tta` (see its `separate_array`)."""
+    ensemble) run on each mixture, with `overlap` and `tta` (see its `separate_array`); its
+    stems scored as :func:`musdb_mapping` says (the stems summed into MUSDB's other are added
+    up in float64 and returned under the name of the model's own `other`)."""
 
     separator: Any
     overlap: int | None = None
     tta: bool = False
     stem_map: dict[str, str] = field(init=False)
+    summed: dict[str, tuple[str, ...]] = field(init=False)
+    left_out: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         # A single-target model's complement (mixture - target) is the instrumental of a vocals
@@ -276,10 +315,15 @@ class SeparatorEstimates:
         known = {}
         if complement and len(predicted) == 1 and reference_stem(predicted[0]) in COMPLEMENTS:
             known[complement] = COMPLEMENTS[reference_stem(predicted[0])]
-        self.stem_map = reference_stems(self.separator.stems, known)
+        mapping = musdb_mapping(self.separator.stems, known)
+        self.stem_map, self.summed, self.left_out = mapping.stem_map, mapping.summed, mapping.left_out
 
     def __call__(self, track: Track, mixture: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
-        return self.separator.separate_array(mixture, sample_rate, overlap=self.overlap, tta=self.tta)
+        needed = [*self.stem_map, *(name for parts in self.summed.values() for name in parts[1:])]
+        stems = self.separator.separate_array(mixture, sample_rate, overlap=self.overlap, tta=self.tta, stems=needed)
+        for parts in self.summed.values():
+            stems[parts[0]] = sum((stems.pop(name).astype(np.float64) for name in parts[1:]), stems[parts[0]].astype(np.float64))
+        return stems
 
 
 def separator_estimates(separator: Any, overlap: int | None = None, tta: bool = False) -> SeparatorEstimates:
@@ -289,8 +333,10 @@ def separator_estimates(separator: Any, overlap: int | None = None, tta: bool = 
 
 
 def _stem_matches(base: str, stem: str) -> bool:
-    """`base` (lower case, no suffix) names `stem`: `vocals`, `x_vocals`, `x_(vocals)_model`."""
-    return any(base == a or base.endswith(f"_{a}") or f"_({a})" in base for a in STEM_ALIASES[stem])
+    """`base` (lower case, no suffix) names `stem`: `vocals`, `x_vocals`, `x_(vocals)_model`;
+    not a practice track, `x_no_vocals` (the mix without that stem)."""
+    return any(base == a or (base.endswith(f"_{a}") and not base.endswith(f"_no_{a}")) or f"_({a})" in base
+               for a in STEM_ALIASES[stem])
 
 
 def find_estimates(directory: str | Path, track: str) -> dict[str, Path]:
@@ -536,9 +582,14 @@ def evaluate(
 
     Every track is scored on the same stems: the estimator's `stem_map` if it has one (then a
     stem with no reference, a results file of other stems, or a track lacking a reference file
-    is refused before the first estimate), else those of the first track.
+    is refused before the first estimate), else those of the first track. The settings
+    recorded with the results add the estimator's `summed` and `left_out` stems, if any.
     """
     settings = {**(settings or {}), "bsseval": bsseval}
+    for key in ("summed", "left_out"):
+        value = getattr(estimator, key, None)
+        if value:
+            settings[key] = {stem: list(parts) for stem, parts in value.items()} if isinstance(value, Mapping) else list(value)
     if results_path and not Path(results_path).parent.is_dir():
         raise EvaluationError(f"results folder {Path(results_path).parent} does not exist")
     done = read_results(results_path, settings) if results_path else {}
