@@ -16,12 +16,16 @@ budget (`--budget-s`) could not hold it:
    caller sees), then predictions one after another until one runs compiled (process start
    -> compiled network in use). TorchInductor's and Triton's caches start empty (a fresh
    folder per run), as in a new container. Later stages reuse them.
-2. the 5-minute song end to end, overlap 4: audio-separator 0.47.1 (fp32, batch 1), stemsep
-   eager and stemsep compiled (the runner's defaults otherwise: bf16 autocast, its batch
-   size), each in its own fresh process through separate.py's worker; wall time of the
-   separation call, real-time factor, load time, peak RSS, CUDA peak allocated, chunks,
+2. the 5-minute song end to end, overlap 4: audio-separator 0.47.1 at its defaults (fp32,
+   eager, batch 1) and at its fastest (separate.py's modes: its regional torch.compile with
+   its native fp16, and with its fp16 autocast; the faster of those whose vocals stay within
+   separate.py's CORRECT_SDR_DB of its default ones), stemsep eager and stemsep compiled (the
+   runner's defaults otherwise: bf16 autocast, its batch size), each in its own fresh
+   process through separate.py's worker; wall time of the separation call, real-time factor,
+   load time (audio-separator's compile included), peak RSS, CUDA peak allocated, chunks,
    network TFLOP/s and MFU over the whole call (flops.py's count, datasheet dense peak of
-   the precision each tool runs in), SDR between the tools' vocals.
+   the precision each tool runs in), stemsep's time ratio against audio-separator's default
+   and its fastest, SDR of each run's vocals against audio-separator's default ones.
 3. the network alone, in this process: seconds per chunk for stemsep in fp32 and bf16,
    eager and compiled, at the runner's batch size on the song's first chunks; TFLOP/s, MFU
    against the datasheet peak and against a bf16 matrix product measured here; peak GPU
@@ -39,8 +43,9 @@ Writes benchmarks/results/gpu_<device>.json and .md (<device> from the GPU's nam
 --smoke checks the suite itself on a CPU: the tiny network of the tests (dim 16, depth 1)
 with the 1297 STFT and bands on 2-s chunks, an 8-s song, overlap 2, one torch thread per
 process, and torch.compile switched off (TORCH_COMPILE_DISABLE=1: the "compiled" rows run
-eagerly, because Inductor needs minutes for even this network on a small CPU). About 35 s
-on 2 cores; its numbers mean nothing.
+eagerly, because Inductor needs minutes for even this network on a small CPU); there
+audio-separator's fastest is one of its CPU modes, warm or compiled. About a minute on 2 cores;
+its numbers mean nothing.
 
 Needs, besides a CUDA build of torch: stemsep's dependencies (numpy, einops, pyyaml, av,
 soundfile, soxr), scipy (the song), cog and coglet 0.23.1 (the server), and
@@ -56,7 +61,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import math
 import os
 import platform
 import re
@@ -93,7 +97,8 @@ PROFILES = {
 }
 # Rough seconds each stage takes on an H100/H200 (compile included where cold), used to skip
 # a stage that the remaining budget cannot hold rather than overrun the machine's lease.
-STAGE_ESTIMATE_S = {"cold_start": 150, "audio-separator": 90, "stemsep eager": 40, "stemsep compiled": 120,
+STAGE_ESTIMATE_S = {"cold_start": 150, "audio-separator": 90, "audio-separator compiled fp16": 90,
+                    "audio-separator compiled autocast": 90, "stemsep eager": 40, "stemsep compiled": 120,
                     "network": 40, "network compiled": 110, "cold_start_eager": 40, "concurrency": 90}
 NEEDED = ["torch", "numpy", "scipy", "soundfile", "yaml", "einops", "av", "soxr", "cog", "coglet", "audio_separator",
           "librosa", "pydub", "onnx2torch", "onnxruntime", "stemsep"]
@@ -221,56 +226,35 @@ def cold_start(weights: Path, short: Path, compile: bool, device: str, budget: B
 # stage 2: end to end, through separate.py's worker
 
 
-def run_separate_worker(tool: str, compile: bool, files: dict, source: Path, profile, budget: Budget) -> dict:
-    """separate.py's worker (one tool, one separation, a fresh process), with a time limit."""
-    from separate import busy_cores, cpu_ticks
-
-    out_dir = WORK / "out" / (tool + ("_compiled" if compile else ""))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    command = [sys.executable, str(BENCH / "separate.py"), "--worker", tool, "--input", str(source),
-               "--checkpoint", str(files["checkpoint"]), "--config", str(files["config"]), "--model-dir", str(files["model_dir"]),
-               "--segment-size", str(files["segment_size"]), "--out-dir", str(out_dir), "--overlap", str(profile.overlap),
-               "--threads", str(profile.threads), "--device", profile.device, *(["--compile"] if compile else [])]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if profile.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # audio-separator takes a GPU by itself when it sees one
-    busy_before = busy_cores(0.5)
-    ticks0, children0, t0 = cpu_ticks()[0], resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=max(30.0, budget.left()),
-                          check=False)
-    ticks1, children1, wall = cpu_ticks()[0], resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
-    if done.returncode:
-        raise RuntimeError(f"{tool} worker failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    worker_cpu_s = sum(getattr(children1, f) - getattr(children0, f) for f in ("ru_utime", "ru_stime"))
-    others = ((ticks1 - ticks0) / os.sysconf("SC_CLK_TCK") - worker_cpu_s) / wall
-    result = {**json.loads(done.stdout.strip().splitlines()[-1]), "process_wall_s": wall, "busy_cores_before": busy_before,
-              "worker_cpu_cores": worker_cpu_s / wall, "others_busy_cores_during": max(0.0, others)}
-    log(f"{tool}{' compiled' if compile else ''}: separate {result['separate_s']:.2f} s, load {result['load_s']:.2f} s, "
-        f"process {wall:.1f} s")
-    return result
-
-
 def end_to_end(files: dict, source: Path, profile, budget: Budget, skipped: dict) -> dict:
-    from separate import machine, network_work, sdr_db, summarize
+    """audio-separator's modes and stemsep eager and compiled on the song, each through
+    separate.py's worker in a fresh process; a results row (separate.py's) per stemsep run."""
+    from separate import AS, FASTEST_CANDIDATES, compare_vocals, machine, network_work, run_name, run_worker, summarize
 
+    options = dict(overlap=profile.overlap, reps=1, threads=profile.threads, device=profile.device,
+                   audio_separator_writer="pydub", precision=None, batch_size=None, wait_idle=None)
+    plan = [(AS, AS, False), *((run_name(mode), run_name(mode), False) for mode in FASTEST_CANDIDATES[profile.device]),
+            ("stemsep eager", "stemsep", False), ("stemsep compiled", "stemsep", True)]
     runs: dict[str, dict] = {}
-    for key, tool, compile in (("audio-separator", "audio-separator", False), ("stemsep eager", "stemsep", False),
-                               ("stemsep compiled", "stemsep", True)):
-        if budget.allows(key, skipped):
-            runs[key] = run_separate_worker(tool, compile, files, source, profile, budget)
-    if "audio-separator" not in runs:
+    for key, run, compile in plan:
+        if not budget.allows(key, skipped):
+            continue
+        args = SimpleNamespace(**options, compile=compile)
+        runs[key] = run_worker(run, source, files["worker"], WORK / "out" / key.replace(" ", "_"), args,
+                               timeout=max(30.0, budget.left()))
+        log(f"{key}: separate {runs[key]['separate_s']:.2f} s, load {runs[key]['load_s']:.2f} s, "
+            f"process {runs[key]['process_wall_s']:.1f} s")
+    if AS not in runs:
         return {"runs": runs}
     machine_info = machine(profile.device)
     work = network_work(profile.song_s, profile.overlap, files["config"])
+    theirs = {key: [runs[key]] for key, run, _ in plan if run != "stemsep" and key in runs}
     out: dict = {"runs": runs}
     for key in ("stemsep eager", "stemsep compiled"):
-        if key not in runs:
-            continue
-        args = SimpleNamespace(overlap=profile.overlap, reps=1, threads=profile.threads, audio_separator_writer="pydub",
-                               compile=key.endswith("compiled"), device=profile.device)
-        sdr = sdr_db(Path(runs["audio-separator"]["vocals"]), Path(runs[key]["vocals"]))
-        out[key.split()[1]] = summarize(profile.song_s, {"stemsep": [runs[key]], "audio-separator": [runs["audio-separator"]]},
-                                        sdr, args, machine_info, work)
+        if key in runs:
+            compared = {"stemsep": [runs[key]], **theirs}
+            out[key.split()[1]] = summarize(profile.song_s, compared, compare_vocals(compared),
+                                            SimpleNamespace(**options, compile=key.endswith("compiled")), machine_info, work)
     return out
 
 
@@ -402,13 +386,9 @@ def environment_info(profile) -> dict:
     return info
 
 
-def _fmt(value, spec: str = ".2f", unit: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:{spec}}{unit}"
-
-
 def markdown(results: dict) -> str:
+    from separate import AS, CORRECT_SDR_DB, fmt, how
+
     env, profile = results["environment"], results["profile"]
     lines = [f"# GPU suite: {env.get('gpu', 'CPU (smoke)')}", "",
              f"`benchmarks/gpu_suite.py{' --smoke' if results['smoke'] else ''}`, {env['date']}, commit {env['commit']}; "
@@ -430,37 +410,45 @@ def markdown(results: dict) -> str:
     for key in ("cold_start", "cold_start_eager"):
         c = results.get(key)
         if isinstance(c, dict):
-            lines.append(f"| {'compiled' if c['compile'] else 'eager'} | {_fmt(c.get('start_to_ready_s'), '.1f', ' s')} "
-                         f"| {_fmt(c.get('start_to_first_result_s'), '.1f', ' s')} ({c.get('first_prediction_network')}) "
-                         f"| {_fmt(c.get('start_to_compiled_in_use_s'), '.1f', ' s')} "
-                         f"| {_fmt(c.get('first_prediction_wall_s'), '.2f', ' s')} / {_fmt(c.get('second_prediction_wall_s'), '.2f', ' s')} "
+            lines.append(f"| {'compiled' if c['compile'] else 'eager'} | {fmt(c.get('start_to_ready_s'), '.1f', ' s')} "
+                         f"| {fmt(c.get('start_to_first_result_s'), '.1f', ' s')} ({c.get('first_prediction_network')}) "
+                         f"| {fmt(c.get('start_to_compiled_in_use_s'), '.1f', ' s')} "
+                         f"| {fmt(c.get('first_prediction_wall_s'), '.2f', ' s')} / {fmt(c.get('second_prediction_wall_s'), '.2f', ' s')} "
                          f"| {c.get('runner_setup_line', '')} |")
     e2e = results.get("end_to_end") or {}
     if e2e.get("eager") or e2e.get("compiled"):
         lines += ["", f"## The song end to end ({profile['song_s']:g} s, overlap {profile['overlap']}; the separation call, load apart)", "",
-                  "| run | time | RTF | load | chunks | network TFLOP/s | MFU | CUDA peak allocated | peak RSS | vs audio-separator | vocals SDR between tools |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        theirs = (e2e.get("eager") or e2e.get("compiled"))["audio-separator"]
-        rows = [("audio-separator 0.47.1 (fp32, batch 1)", theirs, None)]
-        rows += [(f"stemsep {mode} ({e2e[mode]['stemsep'].get('precision')}, batch {e2e[mode]['stemsep'].get('batch_size')})",
-                  e2e[mode]["stemsep"], e2e[mode]) for mode in ("eager", "compiled") if e2e.get(mode)]
-        for name, t, entry in rows:
+                  "audio-separator at its defaults and in each fast mode tried (separate.py's `AS_MODES`, timed on a "
+                  "second separation in the process: the first, one chunk, compiles and warms up, in its load time); its "
+                  f"fastest is the fastest mode whose vocals stay within {CORRECT_SDR_DB:g} dB SDR of its default ones.", "",
+                  "| run | time | RTF | load | chunks | network TFLOP/s | MFU | CUDA peak allocated | peak RSS "
+                  "| a-s default / this | a-s fastest / this | vocals SDR against a-s default |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        first = e2e.get("eager") or e2e.get("compiled")
+        rows = [(f"audio-separator 0.47.1 default ({how(first[AS])})", first[AS], None, None)]
+        rows += [(f"audio-separator 0.47.1 {mode} ({how(t)})" + (", its fastest" if mode == first["audio_separator_fastest"] else "")
+                  + ("" if t["correct"] else ", not correct"), t, None, t["vocals_sdr_vs_default_db"])
+                 for mode, t in first["audio_separator_modes_tried"].items()]
+        rows += [(f"stemsep {mode} ({how(e2e[mode]['stemsep'])})", e2e[mode]["stemsep"], e2e[mode], e2e[mode]["vocals_sdr_between_tools_db"])
+                 for mode in ("eager", "compiled") if e2e.get(mode)]
+        for name, t, entry, sdr in rows:
             mfu = f"{100 * t['mfu']:.0f}%" if t.get("mfu") else "-"
             lines.append(f"| {name} | {t['separate_s']:.2f} s | {t['real_time_factor']:.1f}x | {t['load_s']:.1f} s | {t.get('chunks')} "
-                         f"| {_fmt(t.get('network_tflops'), '.1f')} | {mfu} | {_fmt(t.get('cuda_peak_allocated_mb'), '.0f', ' MB')} "
-                         f"| {t['peak_rss_mb']:.0f} MB | {_fmt(entry and entry['time_ratio_audio_separator_over_stemsep'], '.2f', 'x')} "
-                         f"| {_fmt(entry and entry['vocals_sdr_between_tools_db'], '.1f', ' dB')} |")
+                         f"| {fmt(t.get('network_tflops'), '.1f')} | {mfu} | {fmt(t.get('cuda_peak_allocated_mb'), '.0f', ' MB')} "
+                         f"| {t['peak_rss_mb']:.0f} MB | {fmt(entry and entry['time_ratio_audio_separator_over_stemsep'], '.2f', 'x')} "
+                         f"| {fmt(entry and entry['time_ratio_audio_separator_fastest_over_stemsep'], '.2f', 'x')} "
+                         f"| {'identical' if t.get('correct') and sdr is None else fmt(sdr, '.1f', ' dB')} |")
     net = results.get("network")
     if isinstance(net, dict):
         lines += ["", f"## The network alone (batch {net['batch']} of the song's {net['chunk_s']:g}-s chunks; "
-                  f"{_fmt(net['flops_per_chunk'] / 1e12, '.3f')} TFLOP per chunk)", "",
+                  f"{fmt(net['flops_per_chunk'] / 1e12, '.3f')} TFLOP per chunk)", "",
                   "| run | s per chunk | TFLOP/s | MFU (datasheet) | of a measured bf16 matmul | peak GPU allocated |",
                   "|---|---:|---:|---:|---:|---:|"]
         for row in net["timings"]:
             mfu = f"{100 * row['mfu']:.0f}%" if row.get("mfu") else "-"
             frac = f"{100 * row['fraction_of_measured_matmul']:.0f}%" if row.get("fraction_of_measured_matmul") else "-"
             lines.append(f"| {row['run']} | {row['seconds_per_chunk']:.4f} | {row['tflops']:.1f} | {mfu} | {frac} "
-                         f"| {_fmt(row.get('peak_gpu_allocated_mb'), '.0f', ' MB')} |")
+                         f"| {fmt(row.get('peak_gpu_allocated_mb'), '.0f', ' MB')} |")
         lines += ["", f"bf16 against fp32: network output {net['snr_bf16_vs_fp32_db']:.1f} dB SNR"
                   + "".join(f" (compiled {mode} {net[f'snr_bf16_compiled_{mode}_vs_fp32_db']:.1f} dB)" for mode in ("regional", "whole")
                             if f"snr_bf16_compiled_{mode}_vs_fp32_db" in net)
@@ -526,14 +514,10 @@ def main() -> None:
 
     log(f"writing the model files and the {profile.song_s:g}-s song")
     checkpoint, config = fixtures.model_files(profile.network, profile.chunk_size)
-    from stemsep.reference import audio_separator_model_dir
-    from stemsep.testing import CONFIG_1297
+    from separate import worker_files
 
-    chunk = profile.chunk_size or CONFIG_1297["audio"]["chunk_size"]
     files = {"checkpoint": checkpoint, "config": config, "weights_dir": checkpoint.parent,
-             "model_dir": audio_separator_model_dir(checkpoint, config, WORK / "audio_separator_models"),
-             # audio-separator's chunk is hop x (segment_size - 1): pinned to ours (separate.py does the same)
-             "segment_size": chunk // CONFIG_1297["model"]["stft_hop_length"] + 1}
+             "worker": worker_files(checkpoint, config, WORK / "audio_separator_models")}  # what separate.py's workers load
     source, short = fixtures.song(profile.song_s), fixtures.song(profile.short_s)
     results: dict = {"smoke": args.smoke, "profile": vars(profile), "skipped": {}}
     results["environment"] = environment_info(profile)

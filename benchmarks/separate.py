@@ -5,7 +5,22 @@ same `torch.set_num_threads`. Each tool runs in its own fresh Python process per
 as a user's command would: the worker imports the tool, loads the model (timed apart), then
 separates the file into WAV stems (timed: decode, network, overlap-add, encode), and reports
 its own peak RSS (VmHWM from /proc/self/status, read inside the worker after the work)
-and on CUDA `torch.cuda.max_memory_allocated`. No warm-up: each process separates once.
+and on CUDA `torch.cuda.max_memory_allocated`. No warm-up: each process separates once,
+except in audio-separator's fast modes (below).
+
+audio-separator runs in two modes, and stemsep's time is compared with each:
+- `default`: its defaults (fp32, eager), timed on its first separation, as stemsep is.
+- `fastest`: the best it offers, as a user separating several files in one process gets it:
+  timed on its second separation, the first (the input's first chunk, counted in its load
+  time) having compiled what it compiles and warmed up the rest (its first call costs more
+  than later ones, compiled or not), as stemsep's `--compile` waits for its compile before
+  the timed call. Of the modes tried (`FASTEST_CANDIDATES`), the fastest whose vocals stay
+  within `CORRECT_SDR_DB` of its default ones. On the CPU: `warm` (its defaults) and
+  `compiled` (its regional `torch.compile`, `Separator(use_torch_compile=True)`: each
+  transformer block compiled, as stemsep's `compile=True` does), both fp32, as stemsep on
+  the CPU: its CPU autocast would be bf16, and its fp16 path is GPU-only (its
+  `execution_policy.py`). On a GPU: its regional compile with each of its half-precision
+  paths, `use_native_fp16` (the model converted to fp16) and `use_autocast` (fp16 autocast).
 
 - the input: stereo 44.1 kHz 16-bit, band-limited music-like content (harmonic chords, a
   vibrato "voice", band-pass-noise drums; deterministic), peak 0.5 so audio-separator's
@@ -14,8 +29,12 @@ and on CUDA `torch.cuda.max_memory_allocated`. No warm-up: each process separate
   network (dim 128, depth 2, heads 8, dim_head 16); `depth1`: 1297's layer sizes at depth 1
   (of 12); `full`: the 1297 config (for a GPU).
 - audio-separator gets `mdxc_params` pinning its chunk to the config's (segment_size =
-  inference.dim_t = chunk / hop + 1 = 801), else it picks a longer chunk for short files.
-- apples to apples: the SDR between the two tools' vocals is computed and reported.
+  chunk / hop + 1 = 801), else it picks a longer chunk for short files.
+- apples to apples: the SDR between the two tools' vocals is computed and reported, and
+  between audio-separator's fastest and default vocals.
+- labels: each row records the device, torch's version and build (and CUDA version), the
+  machine's `uptime` before and after, and each tool's precision, batch size and whether it
+  ran compiled, as the worker found them.
 
 Results merge, keyed by duration, into `benchmarks/results/separate_<device>_<preset>.json`
 and `.md`; the ratios are printed last. Inputs, weights and stems go to `benchmarks/work/`.
@@ -46,7 +65,21 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work" / "separate"
 RESULTS = ROOT / "benchmarks" / "results"
 SAMPLE_RATE = 44100
-TOOLS = ("stemsep", "audio-separator")
+AS = "audio-separator"
+# audio-separator's modes: the `Separator` options each sets (none: its defaults).
+AS_MODES = {
+    "default": {},  # the only mode timed on its first separation
+    "warm": {},
+    "compiled": {"use_torch_compile": True},
+    "compiled fp16": {"use_torch_compile": True, "use_native_fp16": True},
+    "compiled autocast": {"use_torch_compile": True, "use_autocast": True},
+}
+# What its fastest may be, per device (see the module doc); on a GPU the fastest correct one.
+FASTEST_CANDIDATES = {"cpu": ("warm", "compiled"), "cuda": ("compiled fp16", "compiled autocast")}
+# A mode is correct if its vocals are at least this close to its fp32 default's (SDR): the two
+# tools' fp32 vocals, with their different windows, are 40-46 dB apart (results/separate_*.md);
+# an overflow to inf or NaN, or a miscompilation, gives 0 dB or less.
+CORRECT_SDR_DB = 30.0
 
 # Network sizes; the STFT, band layout and 8-s chunk are the 1297 config's in both, or Kim's
 # MelBand-RoFormer's (60 mel bands) for the presets named in MEL_BAND.
@@ -153,6 +186,20 @@ def model_files(preset: str) -> tuple[Path, Path]:
     return make_model_files(WORK / f"model_{preset}", config, seed=0, name=CHECKPOINT_NAME.removesuffix(".ckpt"))
 
 
+def worker_files(checkpoint: Path, config: Path, model_dir: Path) -> dict[str, str]:
+    """What a worker loads (its hidden flags): the same files for both tools (audio-separator's
+    `model_dir` holds symlinks to them), its chunk pinned to the config's."""
+    from stemsep.checkpoint import load_config
+    from stemsep.reference import audio_separator_model_dir
+
+    loaded = load_config(config)
+    chunk = loaded.audio.chunk_size
+    return {"checkpoint": str(checkpoint), "config": str(config),
+            "model_dir": str(audio_separator_model_dir(checkpoint, config, model_dir)),
+            "segment_size": str(chunk // loaded.model.stft_hop_length + 1),  # its chunk = hop x (segment_size - 1)
+            "chunk_size": str(chunk)}
+
+
 # ---------------------------------------------------------------------------------------
 # the worker: one tool, one separation, in a fresh process
 
@@ -174,6 +221,32 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def audio_separator_precision(separator, device: str) -> str:
+    """The precision audio-separator's loaded model runs in (its `effective_precision`)."""
+    import torch
+
+    precision = separator.effective_precision  # "fp32", "native_fp16" or "autocast"
+    if precision == "autocast":
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}[torch.get_autocast_dtype(device)] + " autocast"
+    return {"native_fp16": "fp16"}.get(precision, precision)
+
+
+def warm_up(separator, source: str, frames: int, out_dir: Path) -> float:
+    """Separate `source`'s first `frames` (one chunk) and delete the stems: audio-separator
+    compiles at its first chunk, and its first call costs more. Returns the seconds it took."""
+    import tempfile
+    import time
+
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        excerpt = Path(folder) / "warm_up.wav"
+        audio, rate = sf.read(source, frames=frames, dtype="int16", always_2d=True)
+        sf.write(excerpt, audio, rate, subtype="PCM_16")
+        for stem in separator.separate(str(excerpt)):
+            (out_dir / Path(stem).name).unlink()
+    return time.perf_counter() - t
+
+
 def worker(args: argparse.Namespace) -> None:
     import time
 
@@ -193,6 +266,7 @@ def worker(args: argparse.Namespace) -> None:
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
     if args.worker == "stemsep":
         options = {"precision": args.precision} if args.precision else {}  # default: its own ("auto")
         if args.batch_size:
@@ -201,13 +275,16 @@ def worker(args: argparse.Namespace) -> None:
         if args.compile and not separator.wait_for_compile():  # steady state: timed once the compiled network is in use
             raise SystemExit(f"compiling failed ({separator.compilation.state})")
     else:
+        options = AS_MODES[args.mode]
         separator = AudioSeparator(
             log_level=logging.WARNING, model_file_dir=args.model_dir, output_dir=str(out_dir), output_format="WAV",
-            use_soundfile=args.audio_separator_writer == "soundfile",
+            use_soundfile=args.audio_separator_writer == "soundfile", **options,
             mdxc_params={"overlap": args.overlap, "batch_size": 1, "pitch_shift": 0,  # its chunk = hop x (segment_size - 1)
                          "segment_size": int(args.segment_size), "override_model_segment_size": True},
         )
         separator.load_model(model_filename=Path(args.checkpoint).name)
+        if args.mode != "default":
+            result["warm_up_s"] = warm_up(separator, args.input, int(args.chunk_size), out_dir)
     if args.device == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
@@ -223,7 +300,7 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
     t3 = time.perf_counter()
 
-    result = {
+    result.update({
         "import_s": t1 - t0,
         "load_s": t2 - t1,
         "separate_s": t3 - t2,
@@ -233,9 +310,15 @@ def worker(args: argparse.Namespace) -> None:
         "rss_after_load_mb": rss_after_load[1],
         "threads": torch.get_num_threads(),
         "vocals": str(vocals),
-    }
+    })
     if args.worker == "stemsep":  # what its defaults chose
-        result.update(precision=getattr(separator, "precision", "fp32"), batch_size=separator.batch_size)
+        result.update(precision=getattr(separator, "precision", "fp32"), batch_size=separator.batch_size,
+                      compile=separator.compiled)
+    else:  # what it ran, after the separation (a compile that fails at a chunk falls back to eager)
+        result.update(mode=args.mode, precision=audio_separator_precision(separator, args.device), batch_size=1,
+                      compile=separator.effective_torch_compile)  # it ignores batch_size for Roformers
+        if result["compile"] != bool(options.get("use_torch_compile")):
+            raise SystemExit(f"audio-separator's {args.mode} mode ran {'compiled' if result['compile'] else 'eagerly'}")
     if args.device == "cuda":
         result["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
@@ -269,31 +352,42 @@ def wait_for_idle(max_busy: float, patience_s: float = 3600) -> float:
     return busy
 
 
-def run_worker(tool: str, input_path: Path, model: dict[str, str], out_dir: Path, args: argparse.Namespace) -> dict:
+def run_worker(run: str, input_path: Path, model: dict[str, str], out_dir: Path, args, timeout: float | None = None) -> dict:
+    """One worker in a fresh process: `run` is "stemsep" (with `args`' stemsep options) or an
+    audio-separator mode (`run_name`); `model` is `worker_files`'."""
+    import resource
+    import time
+
     shutil.rmtree(out_dir, ignore_errors=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # audio-separator picks CUDA by itself when it sees one
+    tool = "stemsep" if run == "stemsep" else AS
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--input", str(input_path),
                *[part for key, value in model.items() for part in (f"--{key.replace('_', '-')}", value)], "--out-dir", str(out_dir),
                "--overlap", str(args.overlap), "--threads", str(args.threads), "--device", args.device,
-               "--audio-separator-writer", args.audio_separator_writer,
-               *(["--precision", args.precision] if args.precision else []),
-               *(["--batch-size", str(args.batch_size)] if args.batch_size else []), *(["--compile"] if args.compile else [])]
+               "--audio-separator-writer", args.audio_separator_writer]
+    if tool == AS:
+        command += ["--mode", run.removeprefix(AS).strip() or "default"]
+    else:
+        command += [*(["--precision", args.precision] if args.precision else []),
+                    *(["--batch-size", str(args.batch_size)] if args.batch_size else []), *(["--compile"] if args.compile else [])]
     busy_before = wait_for_idle(args.wait_idle) if args.wait_idle else busy_cores(1.0)
-    import resource
-    import time
-
     # Others' CPU use while the worker runs = all cores' busy time minus the worker's own.
     ticks0, children0, t0 = cpu_ticks()[0], resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
     ticks1, children1, wall = cpu_ticks()[0], resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
     if done.returncode:
-        sys.exit(f"{tool} worker failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{run} worker failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     worker_cpu_s = sum(getattr(children1, f) - getattr(children0, f) for f in ("ru_utime", "ru_stime"))
     others = ((ticks1 - ticks0) / os.sysconf("SC_CLK_TCK") - worker_cpu_s) / wall
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "busy_cores_before": busy_before,
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "process_wall_s": wall, "busy_cores_before": busy_before,
             "worker_cpu_cores": worker_cpu_s / wall, "others_busy_cores_during": max(0.0, others)}
+
+
+def run_name(mode: str) -> str:
+    """An audio-separator mode's name as a run: "audio-separator" (its defaults), "audio-separator compiled", ..."""
+    return AS if mode == "default" else f"{AS} {mode}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,14 +396,26 @@ def run_worker(tool: str, input_path: Path, model: dict[str, str], out_dir: Path
 
 def sdr_db(reference: Path, estimate: Path) -> float:
     """The SNR of the file `estimate` against `reference` over the whole file (audio-separator's
-    vocals as the reference), 10 log10(sum s^2 / sum (s - s_hat)^2)."""
+    vocals as the reference), 10 log10(sum s^2 / sum (s - s_hat)^2); inf if identical."""
     from stemsep.compilation import snr_db
 
     s, _ = sf.read(reference, dtype="float32", always_2d=True)
     e, _ = sf.read(estimate, dtype="float32", always_2d=True)
     if s.shape != e.shape:
-        raise SystemExit(f"vocals differ in shape: audio-separator {s.shape}, stemsep {e.shape}")
+        raise RuntimeError(f"vocals differ in shape: {reference.parent.name} {s.shape}, {estimate.parent.name} {e.shape}")
     return snr_db(s, e)
+
+
+def compare_vocals(runs: dict[str, list[dict]]) -> dict[str, float]:
+    """The SDR of each run's (first repetition's) vocals against audio-separator's default ones."""
+    reference = Path(runs[AS][0]["vocals"])
+    return {run: sdr_db(reference, Path(reps[0]["vocals"])) for run, reps in runs.items() if run != AS}
+
+
+def uptime() -> str:
+    """`uptime`'s line (load averages over 1, 5 and 15 minutes)."""
+    done = subprocess.run(["uptime"], capture_output=True, text=True, check=False)
+    return done.stdout.strip() or "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def machine(device: str) -> dict:
@@ -319,11 +425,14 @@ def machine(device: str) -> dict:
                 if line.startswith("model name")), platform.processor() or platform.machine())
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
     described = {
+        "device": device,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
+        "uptime_before": uptime(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": torch.__version__,  # with its build: +cpu, +cu130, ...
+        "torch_cuda": torch.version.cuda,
         "audio_separator": _version("audio-separator"),
         "stemsep_commit": git("rev-parse", "--short", "HEAD"),
         "stemsep_src_modified": bool(git("status", "--porcelain", "src/stemsep")),
@@ -367,45 +476,70 @@ def network_work(seconds: float, overlap: int, config_path: Path) -> dict:
                        "audio-separator": audio_separator_chunk_count(length, chunk, chunk // overlap)}}
 
 
-def summarize(seconds: float, runs: dict[str, list[dict]], sdr: float, args: argparse.Namespace, machine_info: dict,
+def tool_summary(seconds: float, runs: list[dict], device: str) -> dict:
+    """One tool's (or audio-separator mode's) repetitions: median times, largest memory, and
+    what it ran (precision, batch size, compiled or not, as its worker found them)."""
+    median = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    summary = {
+        "separate_s": median("separate_s"),
+        "real_time_factor": seconds / median("separate_s"),
+        "separate_s_min": min(r["separate_s"] for r in runs),  # the least disturbed, on a shared machine
+        "separate_cpu_s": statistics.median(r.get("separate_cpu_s", math.nan) for r in runs),
+        "load_s": median("load_s"),
+        "import_s": median("import_s"),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "peak_rss_after_load_mb": max(r["peak_rss_after_load_mb"] for r in runs),
+        **{key: runs[0][key] for key in ("mode", "precision", "batch_size", "compile") if key in runs[0]},
+        "runs": [{k: v for k, v in r.items() if k != "vocals"} for r in runs],
+    }
+    if "warm_up_s" in runs[0]:
+        summary["warm_up_s"] = median("warm_up_s")  # in load_s
+    if device == "cuda":
+        summary["cuda_peak_allocated_mb"] = max(r["cuda_peak_allocated_mb"] for r in runs)
+    return summary
+
+
+def summarize(seconds: float, runs: dict[str, list[dict]], sdrs: dict[str, float], args, machine_info: dict,
               work: dict) -> dict:
+    """A results row: stemsep, audio-separator's default and its fastest correct mode (of those
+    in `runs`), the time ratios against each; `sdrs` is `compare_vocals`'."""
     from flops import datasheet_peak_tflops
 
-    median = lambda key, tool: statistics.median(r[key] for r in runs[tool])  # noqa: E731
     entry: dict = {"audio_seconds": seconds, "overlap": args.overlap, "reps": args.reps, "threads": args.threads,
                    "machine": machine_info, "flops_per_chunk": work["flops_per_chunk"],
                    "audio_separator_writer": args.audio_separator_writer}
-    for tool in TOOLS:
-        entry[tool] = {
-            "separate_s": median("separate_s", tool),
-            "real_time_factor": seconds / median("separate_s", tool),
-            "separate_s_min": min(r["separate_s"] for r in runs[tool]),  # the least disturbed, on a shared machine
-            "separate_cpu_s": statistics.median(r.get("separate_cpu_s", math.nan) for r in runs[tool]),
-            "load_s": median("load_s", tool),
-            "import_s": median("import_s", tool),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[tool]),
-            "peak_rss_after_load_mb": max(r["peak_rss_after_load_mb"] for r in runs[tool]),
-            "runs": [{k: v for k, v in r.items() if k != "vocals"} for r in runs[tool]],
-        }
-        if args.device == "cuda":
-            entry[tool]["cuda_peak_allocated_mb"] = max(r["cuda_peak_allocated_mb"] for r in runs[tool])
-    ours, theirs = entry["stemsep"], entry["audio-separator"]
-    ours["precision"], ours["batch_size"] = runs["stemsep"][0].get("precision"), runs["stemsep"][0].get("batch_size")
-    ours["compile"] = args.compile
-    theirs["precision"], theirs["batch_size"] = "fp32", 1  # its defaults; it ignores batch_size for Roformers
-    for tool in TOOLS:  # model FLOP utilization: the network's useful work over the whole separation call
-        t = entry[tool]
-        t["chunks"] = work["chunks"][tool]
+    entry["stemsep"] = tool_summary(seconds, runs["stemsep"], args.device)
+    entry[AS] = tool_summary(seconds, runs[AS], args.device)
+    tried = entry["audio_separator_modes_tried"] = {}
+    for run in runs:
+        if run.startswith(f"{AS} "):
+            summary = tool_summary(seconds, runs[run], args.device)
+            summary["vocals_sdr_vs_default_db"] = None if math.isinf(sdrs[run]) else sdrs[run]  # None: identical
+            summary["correct"] = sdrs[run] >= CORRECT_SDR_DB
+            tried[summary["mode"]] = summary
+    correct = [mode for mode, t in tried.items() if t["correct"]]
+    entry["audio_separator_fastest"] = min(correct, key=lambda mode: tried[mode]["separate_s"]) if correct else None
+    for key, t in (("stemsep", entry["stemsep"]), (AS, entry[AS]), *((AS, t) for t in tried.values())):
+        t["chunks"] = work["chunks"][key]  # model FLOP utilization: useful network work over the whole call
         t["network_tflops"] = t["chunks"] * work["flops_per_chunk"] / t["separate_s"] / 1e12
         if args.device == "cuda":
             t["datasheet_peak_tflops"] = datasheet_peak_tflops(machine_info["gpu"], t["precision"])
             t["mfu"] = t["network_tflops"] / t["datasheet_peak_tflops"] if t["datasheet_peak_tflops"] else None
+    ours, theirs, fastest = entry["stemsep"], entry[AS], fastest_of(entry)
     entry["time_ratio_audio_separator_over_stemsep"] = theirs["separate_s"] / ours["separate_s"]
+    entry["time_ratio_audio_separator_fastest_over_stemsep"] = fastest["separate_s"] / ours["separate_s"] if fastest else None
     entry["peak_rss_ratio_stemsep_over_audio_separator"] = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
-    entry["vocals_sdr_between_tools_db"] = sdr
-    entry["others_busy_cores_before_workers_max"] = max(r["busy_cores_before"] for tool in TOOLS for r in runs[tool])
-    entry["others_busy_cores_during_workers_max"] = max(r["others_busy_cores_during"] for tool in TOOLS for r in runs[tool])
+    entry["vocals_sdr_between_tools_db"] = sdrs["stemsep"]
+    every = [r for reps in runs.values() for r in reps]
+    entry["others_busy_cores_before_workers_max"] = max(r["busy_cores_before"] for r in every)
+    entry["others_busy_cores_during_workers_max"] = max(r["others_busy_cores_during"] for r in every)
     return entry
+
+
+def fastest_of(entry: dict) -> dict | None:
+    """audio-separator's fastest correct mode in a results row (None: none, or a row from before)."""
+    mode = entry.get("audio_separator_fastest")
+    return entry["audio_separator_modes_tried"][mode] if mode else None
 
 
 def label(entry: dict) -> str:
@@ -414,52 +548,96 @@ def label(entry: dict) -> str:
     return f"{entry['audio_seconds']:g} s{threads}{', stemsep compiled' if entry['stemsep'].get('compile') else ''}"
 
 
+def how(tool: dict) -> str:
+    """What a tool ran: "fp32, batch 1, eager" (rows from before the labels say less)."""
+    return ", ".join(filter(None, [tool.get("precision"), f"batch {tool.get('batch_size')}",
+                                   "compiled (regional)" if tool.get("compile") else "eager" if "compile" in tool else None]))
+
+
+def fmt(value, spec: str = ".2f", unit: str = "") -> str:
+    """`value` formatted, or "-" where there is none (None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:{spec}}{unit}"
+
+
+def audio_separator_modes(entry: dict) -> str:
+    """What audio-separator ran in a results row: its default and fastest modes, and each mode tried."""
+    if "audio_separator_modes_tried" not in entry:  # a row from before its modes
+        return "audio-separator fp32, batch 1, eager"
+    tried = [f"{mode} {t['separate_s']:.1f} s, vocals "
+             + ("identical to" if t["vocals_sdr_vs_default_db"] is None else f"{t['vocals_sdr_vs_default_db']:.1f} dB SDR from")
+             + f" its default ones{'' if t['correct'] else ' (not correct)'}" for mode, t in entry["audio_separator_modes_tried"].items()]
+    fastest = fastest_of(entry)
+    chosen = (f"`{fastest['mode']}`: {how(fastest)} (its first separation, one chunk, took {fmt(fastest.get('warm_up_s'), '.1f', ' s')}, "
+              "in its load)") if fastest else "none correct"
+    return f"audio-separator default: {how(entry[AS])}; fastest {chosen}; modes tried: {'; '.join(tried) or 'none'}"
+
+
 def markdown(results: dict) -> str:
+    keys = sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"], k))
     lines = [
         f"# End-to-end separation: stemsep vs audio-separator ({results['device']}, preset `{results['preset']}`)",
         "",
         f"Network: {results['network']}. Random weights, same checkpoint and yaml for both tools; each tool "
         "in its own fresh process per repetition; time = the separation call (decode, network, overlap-add, "
         "WAV encode), median over reps; peak RSS = the worker's VmHWM (max over reps). "
-        "RTF = audio seconds / wall seconds. Written by `benchmarks/separate.py`.",
+        "RTF = audio seconds / wall seconds. audio-separator runs at its defaults (its first separation) and at "
+        "its fastest: the fastest of the modes tried whose vocals stay within "
+        f"{CORRECT_SDR_DB:g} dB SDR of its default ones, each timed on its second separation in the process "
+        "(the first, one chunk, compiles and warms up; in its load time): on the CPU its defaults (`warm`) and "
+        "its regional torch.compile (`compiled`), fp32; on a GPU its regional torch.compile with its native fp16 "
+        "and with its fp16 autocast. Written by `benchmarks/separate.py`.",
         "",
-        "| audio | overlap | reps | stemsep time | audio-separator time | stemsep RTF | audio-separator RTF "
-        "| time ratio (a-s / stemsep) | stemsep peak RSS | audio-separator peak RSS | RSS ratio (stemsep / a-s) "
-        "| load (stemsep / a-s) | vocals SDR between tools |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| audio | overlap | reps | stemsep time | audio-separator time, default | audio-separator time, fastest "
+        "| time ratio (a-s default / stemsep) | time ratio (a-s fastest / stemsep) | stemsep RTF | stemsep peak RSS "
+        "| audio-separator peak RSS (default / fastest) | RSS ratio (stemsep / a-s default) "
+        "| load (stemsep / a-s default / a-s fastest) | vocals SDR between tools |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"], k)):
+    for key in keys:
         e = results["runs"][key]
-        ours, theirs = e["stemsep"], e["audio-separator"]
+        ours, theirs, fastest = e["stemsep"], e[AS], fastest_of(e)
         time = lambda t: f"{t['separate_s']:.1f} s" + (f" (min {t['separate_s_min']:.1f})" if e["reps"] > 1 and "separate_s_min" in t else "")  # noqa: E731
+        faster = fastest or {}  # rows from before audio-separator's fastest mode have none
         lines.append(
-            f"| {label(e)} | {e['overlap']} | {e['reps']} | {time(ours)} | {time(theirs)} "
-            f"| {ours['real_time_factor']:.2f}x | {theirs['real_time_factor']:.2f}x | {e['time_ratio_audio_separator_over_stemsep']:.2f}x "
-            f"| {ours['peak_rss_mb']:.0f} MB | {theirs['peak_rss_mb']:.0f} MB | {e['peak_rss_ratio_stemsep_over_audio_separator']:.2f} "
-            f"| {ours['load_s']:.2f} s / {theirs['load_s']:.2f} s | {e['vocals_sdr_between_tools_db']:.1f} dB |"
+            f"| {label(e)} | {e['overlap']} | {e['reps']} | {time(ours)} | {time(theirs)} | {time(fastest) if fastest else '-'} "
+            f"| {e['time_ratio_audio_separator_over_stemsep']:.2f}x "
+            f"| {fmt(e.get('time_ratio_audio_separator_fastest_over_stemsep'), '.2f', 'x')} "
+            f"| {ours['real_time_factor']:.2f}x | {ours['peak_rss_mb']:.0f} MB "
+            f"| {theirs['peak_rss_mb']:.0f} / {fmt(faster.get('peak_rss_mb'), '.0f')} MB "
+            f"| {e['peak_rss_ratio_stemsep_over_audio_separator']:.2f} "
+            f"| {ours['load_s']:.2f} s / {theirs['load_s']:.2f} s / {fmt(faster.get('load_s'), '.2f', ' s')} "
+            f"| {e['vocals_sdr_between_tools_db']:.1f} dB |"
         )
     if results["device"] == "cuda":
         lines += ["", "Network work over the whole separation call (chunks x FLOPs per chunk / time); MFU against the "
                   "datasheet dense peak of the precision each tool runs in.", "",
-                  "| audio | chunks (stemsep / a-s) | stemsep TFLOP/s | stemsep MFU | a-s TFLOP/s | a-s MFU (fp32 peak) "
-                  "| stemsep CUDA peak allocated | a-s CUDA peak allocated |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"], k)):
+                  "| audio | chunks (stemsep / a-s) | stemsep TFLOP/s | stemsep MFU | a-s default TFLOP/s | a-s default MFU "
+                  "| a-s fastest TFLOP/s | a-s fastest MFU | stemsep CUDA peak allocated | a-s CUDA peak allocated (default / fastest) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key in keys:
             e = results["runs"][key]
-            ours, theirs = e["stemsep"], e["audio-separator"]
+            ours, theirs, fastest = e["stemsep"], e[AS], fastest_of(e) or {}
             pct = lambda t: f"{100 * t['mfu']:.0f}%" if t.get("mfu") else "-"  # noqa: E731
-            lines.append(f"| {label(e)} | {ours.get('chunks')} / {theirs.get('chunks')} | {ours.get('network_tflops', 0):.0f} "
-                         f"| {pct(ours)} | {theirs.get('network_tflops', 0):.1f} | {pct(theirs)} "
-                         f"| {ours['cuda_peak_allocated_mb']:.0f} MB | {theirs['cuda_peak_allocated_mb']:.0f} MB |")
-    lines += ["", "Machines (per row):", ""]
-    for key in sorted(results["runs"], key=lambda k: (results["runs"][k]["audio_seconds"], results["runs"][k]["threads"], k)):
-        m, e = results["runs"][key]["machine"], results["runs"][key]
+            lines.append(f"| {label(e)} | {ours.get('chunks')} / {theirs.get('chunks')} | {fmt(ours.get('network_tflops'), '.0f')} "
+                         f"| {pct(ours)} | {fmt(theirs.get('network_tflops'), '.1f')} | {pct(theirs)} "
+                         f"| {fmt(fastest.get('network_tflops'), '.1f')} | {pct(fastest)} "
+                         f"| {ours['cuda_peak_allocated_mb']:.0f} MB | {theirs['cuda_peak_allocated_mb']:.0f} / "
+                         f"{fmt(fastest.get('cuda_peak_allocated_mb'), '.0f')} MB |")
+    lines += ["", "What each tool ran, and the machine (per row):", ""]
+    for key in keys:
+        e = results["runs"][key]
+        m = e["machine"]
         gpu = f", {m['gpu']}" if "gpu" in m else ""
-        lines.append(f"- {label(e)}, {e['threads']} threads: stemsep {e['stemsep'].get('precision')} batch {e['stemsep'].get('batch_size')}"
-                     f"{' compiled' if e['stemsep'].get('compile') else ''}, audio-separator fp32 batch 1 "
-                     f"({e.get('audio_separator_writer', 'pydub')} writer); {m['cpu']}, {m['cores']} cores{gpu}, {results['runs'][key]['threads']} torch threads, "
-                     f"load average at start {m['load_average_at_start'][0]:.2f}, other processes busy before a worker "
-                     f"<= {results['runs'][key]['others_busy_cores_before_workers_max']:.1f} cores, during a worker "
-                     f"<= {results['runs'][key]['others_busy_cores_during_workers_max']:.1f} cores (mean over its run), Python {m['python']}, torch {m['torch']}, "
+        cuda = f" (CUDA {m['torch_cuda']})" if m.get("torch_cuda") else ""
+        uptimes = f", uptime before: `{m['uptime_before']}`, after: `{m['uptime_after']}`" if "uptime_after" in m else ""
+        lines.append(f"- {label(e)}, {e['threads']} threads: stemsep {how(e['stemsep'])}; {audio_separator_modes(e)} "
+                     f"({e.get('audio_separator_writer', 'pydub')} writer); device {m.get('device', results['device'])}, "
+                     f"torch {m['torch']}{cuda}; {m['cpu']}, {m['cores']} cores{gpu}, "
+                     f"{e['threads']} torch threads, load average at start {m['load_average_at_start'][0]:.2f}{uptimes}, "
+                     f"other processes busy before a worker <= {e['others_busy_cores_before_workers_max']:.1f} cores, during a worker "
+                     f"<= {e['others_busy_cores_during_workers_max']:.1f} cores (mean over its run), Python {m['python']}, "
                      f"audio-separator {m['audio_separator']}, stemsep {m['stemsep_commit']}"
                      f"{' (src modified)' if m['stemsep_src_modified'] else ''}, {m['date']}")
     return "\n".join(lines) + "\n"
@@ -475,39 +653,30 @@ def row_key(seconds: float, args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--durations", default="30", help="comma-separated input lengths in seconds")
-    parser.add_argument("--reps", type=int, default=3, help="fresh processes per tool (median reported)")
+    parser.add_argument("--reps", type=int, default=3, help="fresh processes per tool and mode (median reported)")
     parser.add_argument("--overlap", type=int, default=2)
     parser.add_argument("--config-preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads in both workers")
     parser.add_argument("--seed", type=int, default=0, help="of the generated input")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="stemsep's precision (default: its own, auto = bf16 on GPU, fp32 on CPU); audio-separator runs fp32")
+                        help="stemsep's precision (default: its own, auto = bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--batch-size", type=int, help="stemsep's chunks per forward pass (default: its own)")
     parser.add_argument("--compile", action="store_true", help="stemsep with torch.compile (compiled in its load time: the separation waits for it)")
     parser.add_argument("--audio-separator-writer", choices=["pydub", "soundfile"], default="pydub",
                         help="audio-separator's WAV writer: its default pydub (calls ffmpeg) or its use_soundfile option")
     parser.add_argument("--wait-idle", type=float, metavar="CORES",
                         help="on a shared machine, start each worker only once other processes keep fewer than CORES cores busy")
-    parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
-    for hidden in ("--input", "--checkpoint", "--config", "--model-dir", "--segment-size", "--out-dir"):
+    parser.add_argument("--worker", choices=["stemsep", AS], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=sorted(AS_MODES), help=argparse.SUPPRESS)  # audio-separator's
+    for hidden in ("--input", "--checkpoint", "--config", "--model-dir", "--segment-size", "--chunk-size", "--out-dir"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
-    import yaml
-
-    from stemsep.checkpoint import _ConfigLoader
-    from stemsep.reference import audio_separator_model_dir
-
     checkpoint, config = model_files(args.config_preset)
-    model = {  # what the workers load: the same files (audio-separator's folder holds symlinks to them)
-        "checkpoint": str(checkpoint),
-        "config": str(config),
-        "model_dir": str(audio_separator_model_dir(checkpoint, config, WORK / f"audio_separator_models_{args.config_preset}")),
-        "segment_size": str(yaml.load(config.read_text(), Loader=_ConfigLoader)["inference"]["dim_t"]),
-    }
+    model = worker_files(checkpoint, config, WORK / f"audio_separator_models_{args.config_preset}")
     base = base_config(args.config_preset)
     network = {k: v for k, v in {**base["model"], **PRESETS[args.config_preset]}.items()
                if k in ("dim", "depth", "heads", "dim_head")}
@@ -517,27 +686,26 @@ def main() -> None:
     results.update({"device": args.device, "preset": args.config_preset,
                     "network": ", ".join(f"{k} {v}" for k, v in network.items()) + f", {layout}, 8-s chunks"})
     results.setdefault("runs", {})
+    plan = ["stemsep", AS, *(run_name(mode) for mode in FASTEST_CANDIDATES[args.device])]
 
     for seconds in (float(d) for d in args.durations.split(",")):
         machine_info = machine(args.device)
         source = input_file(seconds, args.seed)
-        runs: dict[str, list[dict]] = {tool: [] for tool in TOOLS}
+        runs: dict[str, list[dict]] = {run: [] for run in plan}
         for rep in range(args.reps):
-            order = TOOLS if rep % 2 == 0 else TOOLS[::-1]  # alternate who runs first
-            for tool in order:
-                out_dir = WORK / "out" / f"{tool}_rep{rep}"
-                result = run_worker(tool, source, model, out_dir, args)
-                runs[tool].append(result)
-                print(f"{seconds:g} s, rep {rep + 1}/{args.reps}, {tool}: separate {result['separate_s']:.1f} s, "
+            for run in plan if rep % 2 == 0 else plan[::-1]:  # alternate who runs first
+                result = run_worker(run, source, model, WORK / "out" / f"{run.replace(' ', '_')}_rep{rep}", args)
+                runs[run].append(result)
+                print(f"{seconds:g} s, rep {rep + 1}/{args.reps}, {run}: separate {result['separate_s']:.1f} s, "
                       f"load {result['load_s']:.2f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
                       f"(others kept {result['busy_cores_before']:.1f} cores busy before, {result['others_busy_cores_during']:.1f} during)", flush=True)
-        sdr = sdr_db(Path(runs["audio-separator"][0]["vocals"]), Path(runs["stemsep"][0]["vocals"]))
-        print(f"{seconds:g} s: SDR between the two tools' vocals {sdr:.1f} dB", flush=True)
-        for rep in range(args.reps):
-            for tool in TOOLS:
-                shutil.rmtree(WORK / "out" / f"{tool}_rep{rep}", ignore_errors=True)
+        machine_info["uptime_after"] = uptime()
+        sdrs = compare_vocals(runs)
+        print(f"{seconds:g} s: vocals SDR against audio-separator's default ones: "
+              + ", ".join(f"{run} {sdr:.1f} dB" for run, sdr in sdrs.items()), flush=True)
+        shutil.rmtree(WORK / "out", ignore_errors=True)
         work = network_work(seconds, args.overlap, config)
-        results["runs"][row_key(seconds, args)] = summarize(seconds, runs, sdr, args, machine_info, work)
+        results["runs"][row_key(seconds, args)] = summarize(seconds, runs, sdrs, args, machine_info, work)
 
         RESULTS.mkdir(parents=True, exist_ok=True)  # written after every duration: a long run keeps what it has
         out_json.write_text(json.dumps(results, indent=2) + "\n")
@@ -546,14 +714,16 @@ def main() -> None:
     print(f"results: {out_json.relative_to(ROOT)} and .md")
     for seconds in (float(d) for d in args.durations.split(",")):
         e = results["runs"][row_key(seconds, args)]
-        ours, theirs = e["stemsep"], e["audio-separator"]
+        ours, theirs, fastest = e["stemsep"], e[AS], fastest_of(e)
         print(f"{seconds:g} s, overlap {e['overlap']}: stemsep {ours['separate_s']:.1f} s ({ours['real_time_factor']:.2f}x real time), "
-              f"audio-separator {theirs['separate_s']:.1f} s ({theirs['real_time_factor']:.2f}x); "
-              f"peak RSS stemsep {ours['peak_rss_mb']:.0f} MB, audio-separator {theirs['peak_rss_mb']:.0f} MB; "
+              f"audio-separator {theirs['separate_s']:.1f} s default, "
+              + (f"{fastest['separate_s']:.1f} s fastest ({fastest['mode']}); " if fastest else "no correct fastest mode; ")
+              + f"peak RSS stemsep {ours['peak_rss_mb']:.0f} MB, audio-separator {theirs['peak_rss_mb']:.0f} MB; "
               f"vocals SDR between tools {e['vocals_sdr_between_tools_db']:.1f} dB")
     for seconds in (float(d) for d in args.durations.split(",")):
         e = results["runs"][row_key(seconds, args)]
-        print(f"{seconds:g} s: time audio-separator / stemsep = {e['time_ratio_audio_separator_over_stemsep']:.2f}x; "
+        print(f"{seconds:g} s: time audio-separator / stemsep = {e['time_ratio_audio_separator_over_stemsep']:.2f}x default, "
+              f"{fmt(e['time_ratio_audio_separator_fastest_over_stemsep'], '.2f', 'x')} fastest; "
               f"peak RSS stemsep / audio-separator = {e['peak_rss_ratio_stemsep_over_audio_separator']:.2f}")
 
 
