@@ -111,6 +111,19 @@ def test_a_song_is_separated_into_its_own_folder_with_a_record_and_its_stems_are
     assert files_under(tmp_path / "out" / ".uploads") == []
 
 
+def test_a_practice_track_is_separated_and_adds_up_to_the_song_with_its_stem(app, client, tmp_path):
+    song = write_song(tmp_path / "tune.wav")
+    upload(client, song, stems="vocals,no_vocals")
+    [job] = finished(app)
+    assert job["state"] == "done", job["error"]
+    [record] = client.get("/api/separations").json()["separations"]
+    assert record["stems"] == {"vocals": "tune_vocals.wav", "no_vocals": "tune_no_vocals.wav"}
+    folder = tmp_path / "out" / record["id"]
+    vocals, _ = sf.read(folder / "tune_vocals.wav", dtype="int16")
+    rest, _ = sf.read(folder / "tune_no_vocals.wav", dtype="int16")
+    assert np.array_equal(vocals.astype(np.int32) + rest, sf.read(song, dtype="int16")[0])
+
+
 def test_the_mix_export_sums_the_stems_with_their_gains(app, client, tmp_path):
     song = write_song(tmp_path / "song.wav")
     upload(client, song)

@@ -46,6 +46,7 @@ from stemsep import catalogue, weights
 from stemsep.choices import DEFAULT_FORMAT, OUTPUT_FORMATS
 from stemsep.errors import StemsepError
 from stemsep.remote import MAX_UPLOAD_BYTES
+from stemsep.stems import stem_choices
 from stemsep.ui.engines import CUSTOM, LocalEngine, ModelOptions, ReplicateEngine
 from stemsep.ui.jobs import Job, JobQueue, Options
 from stemsep.ui.library import Library, NotFound, safe_filename
@@ -122,7 +123,7 @@ class UI:
 
 
 def _model_row(name: str, label: str, stems: tuple[str, ...], downloaded: bool, size: int | None) -> dict[str, Any]:
-    return {"name": name, "label": label, "stems": list(stems), "practice": [f"no_{s}" for s in stems],
+    return {"name": name, "label": label, "stems": list(stems), "practice": list(stem_choices(stems)[len(stems):]),
             "downloaded": downloaded, "size": size}
 
 
