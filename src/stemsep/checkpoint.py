@@ -44,7 +44,7 @@ from stemsep.model import (
     mel_bands,
     rotary_frequencies,
 )
-from stemsep.stems import COMPLEMENTS
+from stemsep.stems import COMPLEMENTS, PRACTICE_PREFIX
 
 ModelConfig = BSRoformerConfig | MelBandRoformerConfig
 ARCHITECTURES: dict[str, type[ModelConfig]] = {c.model_type: c for c in (BSRoformerConfig, MelBandRoformerConfig)}
@@ -121,7 +121,7 @@ def complement_name(target: str, instruments: Sequence[str]) -> str:
     if target in COMPLEMENTS:
         return COMPLEMENTS[target]
     others = [name.lower() for name in instruments if name.lower() != target]
-    return others[0] if len(others) == 1 else f"no_{target}"
+    return others[0] if len(others) == 1 else PRACTICE_PREFIX + target
 
 
 @dataclass(frozen=True)

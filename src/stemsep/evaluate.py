@@ -46,7 +46,7 @@ import numpy as np
 from stemsep.decode import decode
 from stemsep.errors import EvaluationError
 from stemsep.files import atomic_file
-from stemsep.stems import COMPLEMENTS  # mixture - one is the other
+from stemsep.stems import COMPLEMENTS, PRACTICE_PREFIX  # mixture - one is the other
 
 MUSDB_STEMS = ("vocals", "drums", "bass", "other")  # the reference stems a MUSDB track has
 STEMS = ("vocals", "instrumental", "drums", "bass", "other")  # what can be scored (instrumental = mixture - vocals)
@@ -335,7 +335,7 @@ def separator_estimates(separator: Any, overlap: int | None = None, tta: bool = 
 def _stem_matches(base: str, stem: str) -> bool:
     """`base` (lower case, no suffix) names `stem`: `vocals`, `x_vocals`, `x_(vocals)_model`;
     not a practice track, `x_no_vocals` (the mix without that stem)."""
-    return any(base == a or (base.endswith(f"_{a}") and not base.endswith(f"_no_{a}")) or f"_({a})" in base
+    return any(base == a or (base.endswith(f"_{a}") and not base.endswith(f"_{PRACTICE_PREFIX}{a}")) or f"_({a})" in base
                for a in STEM_ALIASES[stem])
 
 

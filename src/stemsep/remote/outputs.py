@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlparse
 
 from stemsep import catalogue
 from stemsep.errors import RemoteError
-from stemsep.stems import stem_choices
+from stemsep.stems import PRACTICE_PREFIX, stem_choices
 
 # Statuses after which a prediction never changes again ("aborted": Replicate's, newer than
 # the Python SDK's list). Mirrored in clients/typescript/src/outputs.ts.
@@ -93,7 +93,9 @@ def file_stem(file_name: str, known: Iterable[str] | None = None) -> str | None:
     head, _, last = base.rpartition("_")
     if not head or not _NAME_PART.fullmatch(last):
         return None
-    return f"no_{last}" if head.endswith("_no") and len(head) > 3 else last
+    if base.endswith(f"_{PRACTICE_PREFIX}{last}") and len(head) > len(PRACTICE_PREFIX):  # <song>_no_<x>
+        return PRACTICE_PREFIX + last
+    return last
 
 
 def url_stem(url: str, known: Iterable[str] | None = None) -> str | None:
