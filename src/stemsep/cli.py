@@ -429,8 +429,9 @@ def _run_serve_webhooks(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="score stems' SDR on MUSDB18-HQ or MUSDB18: the model's (vocals/instrumental or "
-                                    "4-stem), or existing stem files'")
+    p = sub.add_parser("eval", help="score stems' SDR on MUSDB18-HQ or MUSDB18: the model's (vocals/instrumental, "
+                                    "MUSDB's four, or more stems mapped onto them: see docs/evaluation.md), or "
+                                    "existing stem files'")
     p.add_argument("dataset", type=Path, metavar="DATASET",
                    help="MUSDB18-HQ (folders with mixture.wav and the stems' vocals.wav, drums.wav, bass.wav, other.wav) "
                         "or MUSDB18 (.stem.mp4 files), with or without train/ test/")
