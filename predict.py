@@ -50,12 +50,12 @@ from stemsep.runner import resolve_device  # noqa: E402
 from stemsep.reference import ReferenceEngine  # noqa: E402
 from stemsep.separator import Separator  # noqa: E402
 
-# The catalogue models cog.yaml bakes into the image, the default first: 1297, the best
-# vocals and the best instrumental MelBand-RoFormer by published SDR, and the karaoke model
-# (lead vocals apart from backing vocals), kept because callers choose them; then the
-# models with the highest Multisong SDR for vocals and for instrumental among those that
-# may be served publicly (the HyperACE v2 pair), and MVSep Mega for guitar (with its other
-# instruments). A model whose stated licence forbids commercial use, or whose provenance is
+# The catalogue models cog.yaml bakes into the image, the default first: 1297, the
+# MelBand-RoFormer vocals (kim-vocals) and vocals/instrumental (duality-v2) models and the
+# karaoke model (lead vocals apart from backing vocals), kept because callers choose them;
+# then the models with the highest Multisong SDR for vocals and for instrumental among those
+# that may be served publicly (the HyperACE v2 pair), and MVSep Mega for guitar (with its
+# other instruments). A model whose stated licence forbids commercial use, or whose provenance is
 # disputed, is never served (catalogue.Model.servable). cog.yaml's build steps, the `model`
 # input's choices and description below and the README list the same names
 # (tests/test_cog_config.py checks that they all agree, and with the catalogue).
