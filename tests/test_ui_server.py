@@ -616,8 +616,10 @@ def test_the_replicate_path_through_the_real_cog_server_gives_the_same_files_as_
             with TestClient(app, base_url=BASE) as client:
                 hosted = client.get("/api/config").json()["replicate"]
                 assert hosted["configured"] and hosted["model"] == "owner/stemsep"
-                assert hosted["choices"] == ["1297", "kim-vocals", "duality-v2", "karaoke"]  # from Cog's schema
+                assert hosted["choices"] == ["1297", "kim-vocals", "duality-v2", "karaoke", "hyperace-vocals",
+                                             "hyperace-inst", "mega"]  # from Cog's schema
                 assert hosted["stems"]["karaoke"] == ["karaoke", "other"]
+                assert hosted["practice"]["karaoke"] == ["no_karaoke", "no_other"]  # named by the library
                 song = write_song(tmp_path / "duet.wav", 2.0)
                 upload(client, song, engine="local")
                 upload(client, song, engine="replicate", model="1297")

@@ -119,11 +119,17 @@ class UI:
             choices, error = [], str(exc)
         return {"configured": engine.configured, "model": engine.model, "choices": choices, "error": error,
                 "stems": {name: list(catalogue.MODELS[name].stems) for name in choices if name in catalogue.MODELS},
+                "practice": {name: _practice(catalogue.MODELS[name].stems) for name in choices if name in catalogue.MODELS},
                 "max_upload_bytes": MAX_UPLOAD_BYTES}
 
 
+def _practice(stems: tuple[str, ...]) -> list[str]:
+    """The practice tracks a model giving `stems` offers, named by the library."""
+    return list(stem_choices(stems)[len(stems):])
+
+
 def _model_row(name: str, label: str, stems: tuple[str, ...], downloaded: bool, size: int | None) -> dict[str, Any]:
-    return {"name": name, "label": label, "stems": list(stems), "practice": list(stem_choices(stems)[len(stems):]),
+    return {"name": name, "label": label, "stems": list(stems), "practice": _practice(stems),
             "downloaded": downloaded, "size": size}
 
 

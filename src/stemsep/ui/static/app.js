@@ -38,7 +38,7 @@ function modelRows() {
   if (!hosted.choices.length) return [{ name: "", label: "the hosted model's default", stems: [], practice: [], downloaded: true }];
   return hosted.choices.map((name) => {
     const stems = hosted.stems[name] || [];
-    return { name, label: name, stems, practice: stems.map((s) => `no_${s}`), downloaded: true };
+    return { name, label: name, stems, practice: hosted.practice[name] || [], downloaded: true };
   });
 }
 
