@@ -177,8 +177,7 @@ PART = ".model.ckpt.part"  # where model.ckpt's bytes gather, kept for a resume
 
 
 def test_the_default_model_files_hold_the_published_sha256_and_mirror_order():
-    ckpt, yaml = weights.WEIGHT_FILES
-    assert (ckpt, yaml) == catalogue.get(catalogue.DEFAULT).files
+    ckpt, yaml = catalogue.get(catalogue.DEFAULT).files
     assert ckpt.name == "model_bs_roformer_ep_317_sdr_12.9755.ckpt"
     assert ckpt.sha256 == "5b84f37e8d444c8cb30c79d77f613a41c05868ff9c9ac6c7049c00aefae115aa"
     assert ckpt.size == 639331213

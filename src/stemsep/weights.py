@@ -408,8 +408,3 @@ def _describe(reason: object) -> str:
 def _closed_early(received: int, expected: int | None, start: int = 0) -> str:
     total = "an unknown number of" if expected is None else str(expected - start)
     return f"connection closed early (got {received} of {total} bytes)"
-
-
-# The default model's files, for callers written before the catalogue; new code reads
-# `catalogue.get(name).files`. Derived from the catalogue, not a second table.
-WEIGHT_FILES: tuple[WeightFile, ...] = catalogue.get(catalogue.DEFAULT).files
