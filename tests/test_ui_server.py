@@ -80,6 +80,15 @@ def finished(app, timeout: float = 120) -> list[dict]:
     return app.state.ui.queue.listing()
 
 
+def separated(app, client, song: Path, **query) -> tuple[dict, dict]:
+    """Upload `song`, wait for its separation to succeed; its job and its (only) record."""
+    upload(client, song, **query)
+    [job] = finished(app)
+    assert job["state"] == "done", job["error"]
+    [record] = client.get("/api/separations").json()["separations"]
+    return job, record
+
+
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if not p.is_dir())
 
@@ -89,10 +98,7 @@ def files_under(folder: Path) -> list[Path]:
 
 def test_a_song_is_separated_into_its_own_folder_with_a_record_and_its_stems_are_served(app, client, tmp_path):
     song = write_song(tmp_path / "my song.wav")
-    upload(client, song, stems="vocals,instrumental")
-    [job] = finished(app)
-    assert job["state"] == "done", job["error"]
-    [record] = client.get("/api/separations").json()["separations"]
+    job, record = separated(app, client, song, stems="vocals,instrumental")
     assert record["id"] == job["separation"] and record["song"] == "my song.wav" and record["model"] == "model.ckpt"
     assert record["stems"] == {"vocals": "my song_vocals.wav", "instrumental": "my song_instrumental.wav"}
     assert record["sample_rate"] == 44100 and record["duration_s"] == pytest.approx(1.0, abs=0.01)
@@ -113,10 +119,7 @@ def test_a_song_is_separated_into_its_own_folder_with_a_record_and_its_stems_are
 
 def test_a_practice_track_is_separated_and_adds_up_to_the_song_with_its_stem(app, client, tmp_path):
     song = write_song(tmp_path / "tune.wav")
-    upload(client, song, stems="vocals,no_vocals")
-    [job] = finished(app)
-    assert job["state"] == "done", job["error"]
-    [record] = client.get("/api/separations").json()["separations"]
+    _, record = separated(app, client, song, stems="vocals,no_vocals")
     assert record["stems"] == {"vocals": "tune_vocals.wav", "no_vocals": "tune_no_vocals.wav"}
     folder = tmp_path / "out" / record["id"]
     vocals, _ = sf.read(folder / "tune_vocals.wav", dtype="int16")
@@ -126,9 +129,7 @@ def test_a_practice_track_is_separated_and_adds_up_to_the_song_with_its_stem(app
 
 def test_the_mix_export_sums_the_stems_with_their_gains(app, client, tmp_path):
     song = write_song(tmp_path / "song.wav")
-    upload(client, song)
-    finished(app)
-    [record] = client.get("/api/separations").json()["separations"]
+    _, record = separated(app, client, song)
     folder = tmp_path / "out" / record["id"]
     vocals, instrumental = (sf.read(folder / name, dtype="int16")[0] for name in record["stems"].values())
 
